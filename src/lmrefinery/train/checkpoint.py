@@ -1,0 +1,124 @@
+"""Checkpoints `checkpoints/step-N/`: model, optimizer, scheduler, RNG of every rank, data position.
+
+Written into a temporary directory and renamed, so a directory named step-N is always complete; the newest complete
+one is what `--resume` uses. Model and optimizer are saved as full (unsharded) state dicts through
+torch.distributed.checkpoint's state-dict API, which works the same for plain modules and FSDP2-sharded ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from lmrefinery.train.distributed import DistEnv, barrier, broadcast_object
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for m in (STEP_DIR.match(p.name) for p in root.iterdir()) if m)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied embeddings); store shared ones as their own copies."""
+    seen: set[tuple[int, int]] = set()
+    result = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        result[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return result
+
+
+def save_checkpoint(run_dir: Path, step: int, env: DistEnv, modules: dict[str, nn.Module],
+                    optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]], state: dict,
+                    keep_last: int) -> Path:
+    """Save named modules and (module, optimizer) pairs plus JSON-able `state` as checkpoints/step-`step`."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    partial = root / f".step-{step}.tmp-partial"
+    model_states = {name: get_model_state_dict(module, options=GATHER) for name, module in modules.items()}
+    optimizer_states = {name: get_optimizer_state_dict(module, optimizer, options=GATHER)
+                        for name, (module, optimizer) in optimizers.items()}
+    if env.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier(env)
+    torch.save(rng_state(), partial / f"rng-rank{env.rank}.pt")
+    if env.is_main:
+        for name, model_state in model_states.items():
+            save_file(_unshared(model_state), str(partial / f"{name}.safetensors"))
+        for name, optimizer_state in optimizer_states.items():
+            torch.save(optimizer_state, partial / f"{name}-optimizer.pt")
+        (partial / "state.json").write_text(json.dumps({"step": step, "world_size": env.world_size, **state},
+                                                       indent=2))
+    barrier(env)
+    if env.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in checkpoint_steps(run_dir)[:-keep_last]:
+            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    barrier(env)
+    return final
+
+
+def load_checkpoint(directory: Path, env: DistEnv, modules: dict[str, nn.Module],
+                    optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]) -> dict:
+    """Restore what save_checkpoint wrote into live (possibly sharded) modules; return the JSON state."""
+    from safetensors.torch import load_file
+
+    for name, module in modules.items():
+        set_model_state_dict(module, load_file(str(directory / f"{name}.safetensors")), options=SCATTER)
+    for name, (module, optimizer) in optimizers.items():
+        optimizer_state = torch.load(directory / f"{name}-optimizer.pt", map_location="cpu", weights_only=False)
+        set_optimizer_state_dict(module, optimizer, optimizer_state, options=SCATTER)
+    state = json.loads((directory / "state.json").read_text())
+    rng_file = directory / f"rng-rank{env.rank}.pt"
+    if state.get("world_size") == env.world_size and rng_file.exists():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return state
+
+
+def latest_checkpoint(run_dir: Path, env: DistEnv) -> Path | None:
+    steps = broadcast_object(checkpoint_steps(run_dir), env)
+    return Path(run_dir) / "checkpoints" / f"step-{steps[-1]}" if steps else None

@@ -1,0 +1,89 @@
+"""One process by default; under torchrun, data parallel with FSDP2 (`fully_shard` per decoder block).
+
+gloo on CPU, nccl on CUDA. Only rank 0 writes files; every rank runs every collective.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmrefinery.models.layers import find_decoder_layers
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed() -> DistEnv:
+    """Read torchrun's environment; initialise the process group when there is more than one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, env: DistEnv):
+    if not env.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
+    """FSDP2: each decoder block is one shard unit (so LISA can freeze blocks), the rest goes with the root."""
+    if not env.distributed:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for block in find_decoder_layers(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def gradient_sum_factor(env: DistEnv) -> float:
+    """FSDP averages gradients over ranks; losses are normalised by the global token count, so we want the sum."""
+    return float(env.world_size)
