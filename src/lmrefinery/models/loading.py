@@ -50,7 +50,15 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu"):
         kwargs["attn_implementation"] = config.attn_implementation
     model = _from_pretrained(AutoModelForCausalLM, location, "model", **kwargs)
     if config.gradient_checkpointing:
-        # Non-reentrant: frozen blocks (LISA) and inputs without grad still get correct gradients.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     return model.to(device)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant checkpointing: frozen blocks (LISA) and inputs without grad still get correct gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False

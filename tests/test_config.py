@@ -1,0 +1,66 @@
+"""Configs: every shipped YAML validates; unknown keys and bad values exit 2 naming the key path."""
+
+from pathlib import Path
+
+import pytest
+
+from lmrefinery import config as config_module
+from lmrefinery.cli import COMMANDS
+from lmrefinery.config import SFTConfig, apply_override, load_config
+from lmrefinery.errors import UserError
+from tests.helpers import run_cli, sft_config, write_yaml
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
+
+
+def _command_of(path: Path) -> str:
+    command = path.stem.split("-")[0]
+    assert command in COMMANDS, f"{path.name}: shipped configs are named <command>-<what>.yaml"
+    return command
+
+
+def test_configs_are_shipped():
+    assert SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config_class = getattr(config_module, COMMANDS[_command_of(path)][1])
+    load_config(config_class, path)
+
+
+def test_overrides_reach_nested_keys_and_list_items(tmp_path):
+    tree = sft_config(tmp_path, tmp_path)
+    path = write_yaml(tmp_path / "c.yaml", tree)
+    config = load_config(SFTConfig, path, ["train.lr=1e-4", "data.sources.1.name=renamed", "train.max_grad_norm=null",
+                                           "model.precision=bf16"])
+    assert config.train.lr == 1e-4 and config.data.sources[1].name == "renamed"
+    assert config.train.max_grad_norm is None and config.model.precision == "bf16"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "train.lrr: unknown key"),
+    ("train.lr=fast", "train.lr: input should be a valid number"),
+    ("model.precision=fp8", "model.precision: input should be 'fp32' or 'bf16'"),
+    ("train.batch_size=0", "train.batch_size: input should be greater than or equal to 1"),
+    ("data.sources.0.name=b", "data.sources: value error, source names must be unique"),
+    ("sampling.strategy=weights", "sampling: value error, strategy 'weights' needs sampling.weights"),
+])
+def test_bad_keys_and_values_exit_2_naming_the_path(tmp_path, capsys, override, expected):
+    path = write_yaml(tmp_path / "c.yaml", sft_config(tmp_path, tmp_path))
+    assert run_cli("sft", "--config", path, override) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_syntax():
+    with pytest.raises(UserError, match="list index"):
+        apply_override({"data": {"sources": [{}]}}, ["data", "sources", "3", "name"], "x")
+
+
+def test_resolved_config_is_saved(tmp_path, tiny_model_dir):
+    path = write_yaml(tmp_path / "c.yaml", sft_config(tmp_path, tiny_model_dir, steps=1))
+    assert run_cli("sft", "--config", path, "train.lr=0.0005") == 0
+    saved = load_config(SFTConfig, tmp_path / "run" / "config.yaml")
+    assert saved.train.lr == 0.0005 and saved.train.warmup_ratio == 0.03  # defaults resolved and written

@@ -1,0 +1,95 @@
+"""Every record format and file type yields the same ids and labels for the same conversation."""
+
+import json
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmrefinery.config import DataConfig, SourceConfig
+from lmrefinery.data.files import read_records
+from lmrefinery.data.formats import detect_format, parse_record
+from lmrefinery.data.sources import load_source
+from lmrefinery.data.tokenize import ChatEncoder
+
+QUESTION, ANSWER, SYSTEM = "What is two plus three?", "Two plus three is five.", "Answer briefly."
+
+SINGLE_TURN = {
+    "alpaca": {"instruction": QUESTION, "output": ANSWER},
+    "text2text": {"input": QUESTION, "output": ANSWER},
+    "messages": {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": ANSWER}]},
+}
+
+MULTI_TURN = {
+    "messages": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION},
+                              {"role": "assistant", "content": ANSWER}, {"role": "user", "content": "And 1+1?"},
+                              {"role": "assistant", "content": "Two."}]},
+    "sharegpt": {"conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": QUESTION},
+                                   {"from": "gpt", "value": ANSWER}, {"from": "human", "value": "And 1+1?"},
+                                   {"from": "gpt", "value": "Two."}]},
+}
+
+
+def _encode(tokenizer, record, fmt="auto"):
+    fmt = detect_format(record, "test") if fmt == "auto" else fmt
+    encoded = ChatEncoder(tokenizer).encode(parse_record(record, fmt, "test"), "test")
+    return encoded.input_ids, encoded.labels
+
+
+@pytest.mark.parametrize("records", [SINGLE_TURN, MULTI_TURN], ids=["single-turn", "multi-turn"])
+def test_every_format_gives_identical_ids_and_labels(tokenizer, records):
+    results = {fmt: _encode(tokenizer, record) for fmt, record in records.items()}
+    reference = next(iter(results.values()))
+    assert sum(label != -100 for label in reference[1]) > 0
+    for fmt, result in results.items():
+        assert result == reference, fmt
+
+
+def test_alpaca_input_and_system_fields(tokenizer):
+    alpaca = {"instruction": "Translate.", "input": "hello", "output": "bonjour", "system": SYSTEM}
+    messages = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Translate.\n\nhello"},
+                             {"role": "assistant", "content": "bonjour"}]}
+    assert _encode(tokenizer, alpaca) == _encode(tokenizer, messages)
+
+
+def test_auto_detection():
+    assert {fmt: detect_format(r, "x") for fmt, r in SINGLE_TURN.items()} == {f: f for f in SINGLE_TURN}
+    assert detect_format({"text": "plain"}, "x") == "text"
+
+
+def test_text_format_supervises_every_token(tokenizer):
+    ids, labels = _encode(tokenizer, {"text": "The quick brown fox."})
+    assert ids == labels and ids[-1] == tokenizer.eos_token_id
+
+
+def _write_all_file_types(tmp_path, records):
+    (tmp_path / "list.json").write_text(json.dumps(records))
+    (tmp_path / "instances.json").write_text(json.dumps({"instances": records}))
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "table.parquet")
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    return ["list.json", "instances.json", "lines.jsonl", "table.parquet", "saved"]
+
+
+def test_every_file_type_gives_the_same_examples(tmp_path, tokenizer):
+    records = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(5)]
+    names = _write_all_file_types(tmp_path, records)
+    data = DataConfig(sources=[SourceConfig(name="x", path="unused")], max_length=256)
+    encoder = ChatEncoder(tokenizer)
+    loaded = {}
+    for name in names:
+        examples, stats = load_source(SourceConfig(name=name, path=str(tmp_path / name)), 3, encoder, data)
+        loaded[name] = [(e.input_ids, e.labels, e.source_id) for e in examples]
+        assert stats.examples == 5 and stats.format == "alpaca"
+    reference = loaded["lines.jsonl"]
+    assert all(e[2] == 3 for e in reference)
+    for name, examples in loaded.items():
+        assert examples == reference, name
+
+
+def test_record_locations_name_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert [r.location for r in read_records(path)] == [f"{path} line 1", f"{path} line 3"]

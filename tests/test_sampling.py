@@ -1,0 +1,70 @@
+"""Mixture sampling: deterministic for a seed, faithful to its probabilities, resumable from its state."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from lmrefinery.config import SamplingConfig
+from lmrefinery.data.sampling import MixtureSampler, source_probabilities
+from lmrefinery.errors import UserError
+
+SOURCES = [list(range(0, 30)), list(range(30, 40)), list(range(40, 100))]
+NAMES = ["a", "b", "c"]
+
+
+def _sampler(strategy, weights=None, seed=0, batch=8):
+    return MixtureSampler.build(SamplingConfig(strategy=strategy, weights=weights), NAMES, SOURCES, batch, seed)
+
+
+def _source_of(index):
+    return next(s for s, items in enumerate(SOURCES) if index in items)
+
+
+def test_proportional_visits_every_example_once_per_pass():
+    sampler = _sampler("proportional", batch=10)
+    first_pass = [i for _ in range(10) for i in sampler.next_batch()]
+    assert sorted(first_pass) == list(range(100))
+
+
+@pytest.mark.parametrize("strategy, weights, expected", [
+    ("uniform", None, [1 / 3, 1 / 3, 1 / 3]),
+    ("weights", {"a": 0.7, "b": 0.2, "c": 0.1}, [0.7, 0.2, 0.1]),
+])
+def test_weighted_frequencies_follow_probabilities(strategy, weights, expected):
+    sampler = _sampler(strategy, weights, batch=100)
+    counts = Counter(_source_of(i) for _ in range(60) for i in sampler.next_batch())
+    for source, p in enumerate(expected):
+        assert counts[source] / 6000 == pytest.approx(p, abs=0.02)
+
+
+def test_within_a_source_no_repeats_before_it_is_exhausted():
+    sampler = _sampler("weights", {"a": 0, "b": 1, "c": 0}, batch=5)
+    drawn = sampler.next_batch() + sampler.next_batch()
+    assert sorted(drawn) == SOURCES[1]
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "uniform"])
+def test_state_dict_resumes_the_same_stream(strategy):
+    uninterrupted = _sampler(strategy)
+    expected = [uninterrupted.next_batch() for _ in range(12)]
+    first = _sampler(strategy)
+    head = [first.next_batch() for _ in range(5)]
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip (it lives in state.json)
+    second = _sampler(strategy)
+    second.load_state_dict(state)
+    assert head + [second.next_batch() for _ in range(7)] == expected
+
+
+def test_seed_changes_the_stream_and_is_deterministic():
+    assert _sampler("uniform", seed=1).next_batch() == _sampler("uniform", seed=1).next_batch()
+    assert _sampler("uniform", seed=1).next_batch() != _sampler("uniform", seed=2).next_batch()
+
+
+def test_weights_file_and_name_checks(tmp_path):
+    path = tmp_path / "weights.json"
+    path.write_text(json.dumps({"weights": {"a": 2, "b": 1, "c": 1}, "steps": 10}))
+    assert source_probabilities(SamplingConfig(strategy="weights", weights=str(path)), NAMES, [1, 1, 1]) == [
+        0.5, 0.25, 0.25]
+    with pytest.raises(UserError, match="missing \\['c'\\]"):
+        source_probabilities(SamplingConfig(strategy="weights", weights={"a": 1, "b": 1}), NAMES, [1, 1, 1])

@@ -1,0 +1,83 @@
+"""Labels mask exactly the prompt tokens, checked token by token against the chat template's rendered text."""
+
+import pytest
+
+from lmrefinery.data.formats import Conversation, Message
+from lmrefinery.data.tokenize import IGNORE_INDEX, ChatEncoder
+from lmrefinery.errors import UserError
+from tests.tiny import tiny_tokenizer
+
+
+def _conversation(*turns):
+    return Conversation(tuple(Message(role, content) for role, content in turns))
+
+
+SINGLE = _conversation(("user", "What is two plus three?"), ("assistant", "Two plus three is five."))
+MULTI = _conversation(("system", "Answer briefly."), ("user", "What is two plus three?"),
+                      ("assistant", "Five."), ("user", "Name the capital of France."),
+                      ("assistant", "Paris."))
+
+
+def _expected_labels_from_text(tokenizer, conversation):
+    """Independent reference: render the template to text, mark the characters of every assistant reply plus its
+    <|im_end|>, and supervise exactly the tokens whose characters fall inside those spans."""
+    text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in conversation.messages],
+                                         tokenize=False)
+    spans, cursor = [], 0
+    for message in conversation.messages:
+        header = f"<|im_start|>{message.role}\n"
+        start = text.index(header, cursor) + len(header)
+        end = start + len(message.content) + len("<|im_end|>")
+        assert text[start:end] == message.content + "<|im_end|>"
+        if message.role == "assistant":
+            spans.append((start, end))
+        cursor = end
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for token_id, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+        inside = any(s <= start and end <= e for s, e in spans)
+        labels.append(token_id if inside else IGNORE_INDEX)
+    return encoding["input_ids"], labels
+
+
+@pytest.mark.parametrize("conversation", [SINGLE, MULTI], ids=["single-turn", "multi-turn"])
+def test_labels_match_template_token_by_token(tokenizer, conversation):
+    encoded = ChatEncoder(tokenizer).encode(conversation, "test")
+    expected_ids, expected_labels = _expected_labels_from_text(tokenizer, conversation)
+    assert encoded.input_ids == expected_ids
+    assert encoded.labels == expected_labels
+    # every assistant turn is supervised and ends with EOS; nothing after EOS (the newline) is
+    eos = tokenizer.eos_token_id
+    supervised_eos = [i for i, label in enumerate(encoded.labels) if label == eos]
+    assert len(supervised_eos) == sum(m.role == "assistant" for m in conversation.messages)
+    for position in supervised_eos:
+        assert encoded.labels[position + 1] == IGNORE_INDEX
+
+
+def test_default_system_prompt_of_the_template_is_kept(tokenizer):
+    encoded = ChatEncoder(tokenizer).encode(SINGLE, "test")
+    assert "You are a tiny test model." in tokenizer.decode(encoded.input_ids)
+    custom = ChatEncoder(tokenizer, system_prompt="Be terse.").encode(SINGLE, "test")
+    assert "Be terse." in tokenizer.decode(custom.input_ids)
+    assert "tiny test model" not in tokenizer.decode(custom.input_ids)
+
+
+def test_fallback_without_template_has_exact_boundaries():
+    tokenizer = tiny_tokenizer(chat_template=None)
+    encoded = ChatEncoder(tokenizer).encode(MULTI, "test")
+    supervised = [t for t in encoded.labels if t != IGNORE_INDEX]
+    eos = tokenizer.eos_token_id
+    reply_ids = [tokenizer("Five.", add_special_tokens=False)["input_ids"] + [eos],
+                 tokenizer("Paris.", add_special_tokens=False)["input_ids"] + [eos]]
+    assert supervised == reply_ids[0] + reply_ids[1]
+    text = tokenizer.decode(encoded.input_ids)
+    assert text.startswith("Answer briefly.\n\n### User:\nWhat is two plus three?\n\n### Assistant:\nFive.")
+
+
+def test_template_that_rewrites_history_fails_loudly():
+    # A template that renders earlier assistant turns differently from the last one breaks the prefix property.
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n"
+                "[old]<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(UserError, match="prefix"):
+        ChatEncoder(tiny_tokenizer(template)).encode(MULTI, "data.jsonl line 7")
