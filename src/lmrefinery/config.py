@@ -95,6 +95,15 @@ class TrainConfig(StrictModel):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
 
+class LISAConfig(StrictModel):
+    enabled: bool = False
+    layers: int = Field(2, ge=1, description="Decoder blocks trained at a time (γ).")
+    interval: int = Field(20, ge=1, description="Optimizer steps between switches (K).")
+    train_embeddings: bool = Field(True, description="Keep the input embedding trainable.")
+    train_head: bool = Field(True, description="Keep the LM head trainable (must equal train_embeddings when tied).")
+    keep_state: bool = Field(False, description="Keep AdamW state of deactivated blocks (memory comparison only).")
+
+
 class ValidationConfig(StrictModel):
     sources: list[SourceConfig] = Field(min_length=1)
     every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
@@ -111,6 +120,7 @@ class SFTConfig(StrictModel):
     sampling: SamplingConfig = SamplingConfig()
     validation: ValidationConfig | None = None
     train: TrainConfig = TrainConfig()
+    lisa: LISAConfig = LISAConfig()
     save_model: bool = Field(True, description="Write the final model (+ tokenizer) in HF format to output_dir/model.")
 
 

@@ -13,13 +13,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lmrefinery.config import SFTConfig
+from lmrefinery.errors import UserError
 from lmrefinery.data.collate import collate, rank_micro_batches
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.evaluation.loss import evaluate_loss
 from lmrefinery.fileio import atomic_write_json
+from lmrefinery.lisa import LISA
 from lmrefinery.models import load_model
 from lmrefinery.recipes.common import accumulation_steps, load_data, source_counts, total_steps
-from lmrefinery.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from lmrefinery.train.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_state,
+                                        save_checkpoint, seed_everything)
 from lmrefinery.train.distributed import setup_distributed, shard_model
 from lmrefinery.train.losses import optimizer_step
 from lmrefinery.train.optim import build_adamw, build_scheduler
@@ -47,11 +50,20 @@ def run(config: SFTConfig, resume: bool = False) -> Path:
     model.train()
     optimizer = build_adamw(model, train)
     scheduler = build_scheduler(optimizer, train, steps)
+    lisa = None
+    if config.lisa.enabled:
+        settings = config.lisa.model_dump(exclude={"enabled"})
+        try:
+            lisa = LISA(model, optimizer, seed=config.seed, **settings)
+        except ValueError as exc:
+            raise UserError(f"lisa: {exc}") from None
 
     start_run(output_dir, config, env.is_main)
     start_step = 0
     checkpoint = latest_checkpoint(output_dir, env) if resume else None
     if checkpoint is not None:
+        if lisa is not None:
+            lisa.load_state_dict(read_checkpoint_state(checkpoint)["lisa"])
         state = load_checkpoint(checkpoint, env, {"model": model}, {"model": (model, optimizer)})
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -65,7 +77,8 @@ def run(config: SFTConfig, resume: bool = False) -> Path:
 
     def checkpoint_now(step: int) -> None:
         save_checkpoint(output_dir, step, env, {"model": model}, {"model": (model, optimizer)},
-                        {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}, train.keep_last)
+                        {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                         "lisa": lisa.state_dict() if lisa is not None else None}, train.keep_last)
 
     def validate(step: int) -> None:
         result = evaluate_loss(model, validation_pool, env, config.validation.batch_size, config.model.precision,
@@ -88,6 +101,10 @@ def run(config: SFTConfig, resume: bool = False) -> Path:
         elapsed = time.perf_counter() - started
         last_loss = result.loss
         done = step + 1
+        if lisa is not None:
+            if lisa.steps_taken % lisa.interval == 0:  # first step of a period: its optimizer state now exists
+                metrics.write(step=done, event="lisa", **lisa.summary())
+            lisa.step()
         if done % train.log_every == 0 or done == steps:
             metrics.write(step=done, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
                           supervised_tokens=result.supervised_tokens,

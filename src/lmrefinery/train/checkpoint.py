@@ -26,6 +26,9 @@ from lmrefinery.train.distributed import DistEnv, barrier, broadcast_object
 STEP_DIR = re.compile(r"^step-(\d+)$")
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+# Optimizer state may legitimately be absent for trainable parameters: LISA frees it for inactive blocks, and a block
+# activated at a checkpoint boundary has none yet.
+SCATTER_OPTIMIZER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
 
 
 def rng_state() -> dict:
@@ -102,6 +105,15 @@ def save_checkpoint(run_dir: Path, step: int, env: DistEnv, modules: dict[str, n
     return final
 
 
+def read_checkpoint_state(directory: Path) -> dict:
+    """The JSON state of a checkpoint (step, scheduler, data position, LISA, ...).
+
+    Restore anything that decides which parameters are trainable (LISA's active blocks) from it *before*
+    load_checkpoint: the state-dict API restores optimizer state only for parameters that require grad.
+    """
+    return json.loads((Path(directory) / "state.json").read_text())
+
+
 def load_checkpoint(directory: Path, env: DistEnv, modules: dict[str, nn.Module],
                     optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]) -> dict:
     """Restore what save_checkpoint wrote into live (possibly sharded) modules; return the JSON state."""
@@ -111,8 +123,8 @@ def load_checkpoint(directory: Path, env: DistEnv, modules: dict[str, nn.Module]
         set_model_state_dict(module, load_file(str(directory / f"{name}.safetensors")), options=SCATTER)
     for name, (module, optimizer) in optimizers.items():
         optimizer_state = torch.load(directory / f"{name}-optimizer.pt", map_location="cpu", weights_only=False)
-        set_optimizer_state_dict(module, optimizer, optimizer_state, options=SCATTER)
-    state = json.loads((directory / "state.json").read_text())
+        set_optimizer_state_dict(module, optimizer, optimizer_state, options=SCATTER_OPTIMIZER)
+    state = read_checkpoint_state(directory)
     rng_file = directory / f"rng-rank{env.rank}.pt"
     if state.get("world_size") == env.world_size and rng_file.exists():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
