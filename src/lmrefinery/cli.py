@@ -17,6 +17,8 @@ from lmrefinery.errors import TrainingDiverged, UserError
 # command → (recipe module, config class name, one-line help)
 COMMANDS = {
     "sft": ("lmrefinery.recipes.sft", "SFTConfig", "fine-tune on one or several sources with a chosen sampling"),
+    "reweight": ("lmrefinery.recipes.reweight", "ReweightConfig", "learn per-source data weights with ScaleBiO"),
+    "mix": ("lmrefinery.recipes.mix", "MixConfig", "draw an SFT set of N examples with learned weights"),
     "evaluate": ("lmrefinery.recipes.evaluate", "EvaluateConfig", "held-out loss/perplexity, overall and per source"),
     "demo": ("lmrefinery.recipes.demo", "DemoConfig", "the whole story on the embedded default model and data"),
 }

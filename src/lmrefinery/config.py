@@ -124,6 +124,55 @@ class SFTConfig(StrictModel):
     save_model: bool = Field(True, description="Write the final model (+ tokenizer) in HF format to output_dir/model.")
 
 
+class ScaleBiOConfig(StrictModel):
+    alpha: float = Field(100.0, gt=0, description="Penalty α (authors: 100 for 7B–34B models, 10 for GPT-2).")
+    tau: float = Field(1.0, gt=0, description="Continuation: α ← α·τ each round, learning rates ÷ τ (authors: 1).")
+    rounds: int = Field(1, ge=1, description="Outer rounds of the α/τ continuation.")
+    lr_lower: float = Field(1e-5, ge=0, description="Peak learning rate of u (lower-level model).")
+    lr_upper: float = Field(1e-5, ge=0, description="Peak learning rate of w (upper-level model).")
+    lr_weights: float = Field(1e-2, ge=0, description="Peak learning rate of the source logits λ.")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(5e-4, ge=0, description="On u and w; λ never has weight decay.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip u's and w's gradient norms (null: off).")
+    max_weight_grad_norm: float | None = Field(None, gt=0, description="Clip λ's gradient norm (null: off).")
+
+
+class ReweightTrainConfig(StrictModel):
+    steps: int | None = Field(None, ge=1, description="ScaleBiO steps; default: epochs × pool / batch_size.")
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1, description="Global training batch per step (all processes).")
+    val_batch_size: int = Field(8, ge=1, description="Global validation batch per step (all processes).")
+    micro_batch_size: int = Field(1, ge=1, description="Examples per forward pass on one process.")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class ReweightConfig(StrictModel):
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig
+    validation: ValidationConfig = Field(description="The target: a small validation set (sources pooled).")
+    scalebio: ScaleBiOConfig = ScaleBiOConfig()
+    train: ReweightTrainConfig = ReweightTrainConfig()
+    lisa: LISAConfig = Field(LISAConfig(), description="LISA on u and w, with independent layer draws.")
+    save_upper_model: bool = Field(False, description="Also write w (the upper-level model) in HF format.")
+
+
+class MixConfig(StrictModel):
+    output_dir: str
+    sources: list[SourceConfig] = Field(min_length=1)
+    weights: dict[str, float] | str = Field(description="{source: weight} or a weights.json path (from reweight).")
+    num_examples: int = Field(ge=1, description="N: size of the mixture.")
+    seed: int = 0
+    on_bad_record: Literal["error", "skip"] = "error"
+
+    _unique = field_validator("sources")(_unique_source_names)
+
+
 class EvaluateConfig(StrictModel):
     output_dir: str
     task: Literal["loss"] = "loss"

@@ -20,10 +20,10 @@ def load_data(model: ModelConfig, data: DataConfig, extra: dict[str, list[Source
     return tokenizer, pool, extras
 
 
-def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int, key: str = "train.batch_size") -> int:
     per_pass = micro_batch_size * world_size
     if batch_size % per_pass:
-        raise UserError(f"train.batch_size={batch_size} must be a multiple of train.micro_batch_size × processes "
+        raise UserError(f"{key}={batch_size} must be a multiple of train.micro_batch_size × processes "
                         f"= {micro_batch_size} × {world_size}")
     return batch_size // per_pass
 

@@ -72,8 +72,12 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, env: DistEnv, modules: dict[str, nn.Module],
                     optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]], state: dict,
-                    keep_last: int) -> Path:
-    """Save named modules and (module, optimizer) pairs plus JSON-able `state` as checkpoints/step-`step`."""
+                    keep_last: int, objects: dict | None = None) -> Path:
+    """Save named modules and (module, optimizer) pairs plus JSON-able `state` as checkpoints/step-`step`.
+
+    `objects` (small, replicated, possibly holding tensors — e.g. ScaleBiO's logits and their optimizer) is saved
+    by rank 0 with torch.save and comes back as state["objects"].
+    """
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -94,6 +98,8 @@ def save_checkpoint(run_dir: Path, step: int, env: DistEnv, modules: dict[str, n
             torch.save(optimizer_state, partial / f"{name}-optimizer.pt")
         (partial / "state.json").write_text(json.dumps({"step": step, "world_size": env.world_size, **state},
                                                        indent=2))
+        if objects is not None:
+            torch.save(objects, partial / "objects.pt")
     barrier(env)
     if env.is_main:
         if final.exists():
@@ -125,6 +131,8 @@ def load_checkpoint(directory: Path, env: DistEnv, modules: dict[str, nn.Module]
         optimizer_state = torch.load(directory / f"{name}-optimizer.pt", map_location="cpu", weights_only=False)
         set_optimizer_state_dict(module, optimizer, optimizer_state, options=SCATTER_OPTIMIZER)
     state = read_checkpoint_state(directory)
+    if (directory / "objects.pt").exists():
+        state["objects"] = torch.load(directory / "objects.pt", map_location="cpu", weights_only=False)
     rng_file = directory / f"rng-rank{env.rank}.pt"
     if state.get("world_size") == env.world_size and rng_file.exists():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))

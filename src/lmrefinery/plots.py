@@ -1,0 +1,32 @@
+"""Small matplotlib helpers shared by recipes: line plots of trajectories, written atomically as PNG."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def line_plot(path: str | os.PathLike, steps: list[int], series: dict[str, list[float]], title: str,
+              ylabel: str, xlabel: str = "step") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    for label, values in series.items():
+        axes.plot(steps[: len(values)], values, label=label, linewidth=1.6)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    if len(series) > 1:
+        axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.stem}.tmp-plot.png")
+    figure.savefig(temporary)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,224 @@
+"""ScaleBiO — first-order bilevel data reweighting (spec/scalebio.md), model-agnostic.
+
+Two copies of a model: u (lower, tracks the optimum of the weighted training loss) and w (upper, the iterate that
+should do well on the validation set), plus logits λ with source weights p = softmax(λ). One step takes all three
+gradients at the same point (u_t, w_t, λ_t), then steps each variable:
+
+    L2_B(x)  = Σ_{e∈B} p_src(e) / N_src(e) · ℓ(x; e)        N_i = examples of source i in the *global* batch
+    g_u      = ∇_u L2_B(u)
+    g_w      = ∇_w [ L1_Bv(w) + α · L2_B(w) ]
+    g_λ      = α · J(p) · (ℓ̄(w) − ℓ̄(u)),   J = diag(p) − p pᵀ,   ℓ̄_i(x) = mean loss of source i in B under x
+
+g_λ is computed in closed form from per-source loss sums, which is exactly what autograd through the softmax gives
+and needs no graph. A source absent from the batch has no ℓ̄_i; its discrepancy is taken as the p-weighted mean of the
+present ones, which gives it exactly zero gradient and leaves each present source's component α·p_k·(Δ_k − mean).
+
+Batches may be split into micro-batches (pass a list): counts and sums run over the whole global batch before any
+normalisation, so a step does not depend on the split. Under data parallelism pass `all_reduce` (sums a tensor over
+processes) and `gradient_sum_factor` (the number of processes when the data-parallel wrapper averages gradients).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lmrefinery.train.optim import lr_multiplier
+
+TrainLossFn = Callable[[nn.Module, object], tuple[torch.Tensor, torch.Tensor]]
+ValLossFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+def _default_source_ids(batch) -> torch.Tensor:
+    if isinstance(batch, dict):
+        return batch["source_ids"]
+    return batch.source_ids
+
+
+def _build_optimizer(kind: str, params, lr: float, weight_decay: float, betas, eps) -> torch.optim.Optimizer:
+    params = list(params)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {kind!r}")
+
+
+def weight_gradient(weights: torch.Tensor, lower_means: torch.Tensor, upper_means: torch.Tensor,
+                    present: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α · J(p) · (ℓ̄(w) − ℓ̄(u)) with absent sources' discrepancy set to the p-weighted mean of the present ones."""
+    delta = torch.where(present, upper_means - lower_means, torch.zeros_like(upper_means))
+    if present.any():
+        mean = (weights * delta * present).sum() / (weights * present).sum()
+        delta = torch.where(present, delta, mean)
+    return alpha * weights * (delta - (weights * delta).sum())
+
+
+class ScaleBiO:
+    def __init__(self, model: nn.Module, num_sources: int, train_loss_fn: TrainLossFn, val_loss_fn: ValLossFn, *,
+                 alpha: float = 100.0, tau: float = 1.0, rounds: int = 1,
+                 lr_lower: float = 1e-5, lr_upper: float = 1e-5, lr_weights: float = 1e-2,
+                 optimizer: str = "adamw", weight_decay: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, total_steps: int | None = None, schedule: str = "cosine",
+                 warmup_ratio: float = 0.03, max_grad_norm: float | None = None,
+                 max_weight_grad_norm: float | None = None, lower_model: nn.Module | None = None,
+                 source_ids_fn: Callable[[object], torch.Tensor] = _default_source_ids,
+                 val_weight_fn: Callable[[object], float] | None = None,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 gradient_sum_factor: float = 1.0):
+        if num_sources < 1:
+            raise ValueError("num_sources must be at least 1")
+        if total_steps is not None and rounds > total_steps:
+            raise ValueError(f"rounds={rounds} cannot exceed total_steps={total_steps}")
+        self.upper_model = model
+        self.lower_model = lower_model if lower_model is not None else copy.deepcopy(model)
+        self.num_sources = num_sources
+        self.train_loss_fn, self.val_loss_fn = train_loss_fn, val_loss_fn
+        self.alpha, self.tau, self.rounds = alpha, tau, rounds
+        self.total_steps, self.schedule = total_steps, schedule
+        self.warmup = math.ceil(warmup_ratio * total_steps) if total_steps else 0
+        self.max_grad_norm, self.max_weight_grad_norm = max_grad_norm, max_weight_grad_norm
+        self.source_ids_fn, self.val_weight_fn = source_ids_fn, val_weight_fn
+        self.all_reduce = all_reduce or (lambda tensor: tensor)
+        self.gradient_sum_factor = gradient_sum_factor
+        device = next(model.parameters()).device
+        self.logits = nn.Parameter(torch.zeros(num_sources, dtype=torch.float64, device=device))
+        self.lower_optimizer = _build_optimizer(optimizer, self.lower_model.parameters(), lr_lower, weight_decay,
+                                                betas, eps)
+        self.upper_optimizer = _build_optimizer(optimizer, self.upper_model.parameters(), lr_upper, weight_decay,
+                                                betas, eps)
+        self.weights_optimizer = _build_optimizer(optimizer, [self.logits], lr_weights, 0.0, betas, eps)
+        self.base_lrs = {"lower": lr_lower, "upper": lr_upper, "weights": lr_weights}
+        self.steps_done = 0
+
+    # ---- schedule -------------------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits.detach(), dim=0)
+
+    def round_index(self, step: int) -> int:
+        if not self.total_steps or self.rounds <= 1:
+            return 0
+        return min(self.rounds - 1, step * self.rounds // self.total_steps)
+
+    def current_alpha(self, step: int | None = None) -> float:
+        return self.alpha * self.tau ** self.round_index(self.steps_done if step is None else step)
+
+    def _set_learning_rates(self, step: int) -> dict[str, float]:
+        shape = lr_multiplier(step, self.total_steps, self.warmup, self.schedule) if self.total_steps else 1.0
+        scale = shape * self.tau ** (-self.round_index(step))
+        rates = {}
+        for name, optimizer in (("lower", self.lower_optimizer), ("upper", self.upper_optimizer),
+                                ("weights", self.weights_optimizer)):
+            rates[name] = self.base_lrs[name] * scale
+            for group in optimizer.param_groups:
+                group["lr"] = rates[name]
+        return rates
+
+    # ---- one step -------------------------------------------------------------------------------------------------
+    def _source_counts(self, micro_batches: Sequence) -> torch.Tensor:
+        counts = torch.zeros(self.num_sources, dtype=torch.float64, device=self.logits.device)
+        for batch in micro_batches:
+            ids = self.source_ids_fn(batch).to(counts.device)
+            counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+        return self.all_reduce(counts)
+
+    def _weighted_train_backward(self, model: nn.Module, micro_batches: Sequence, example_weights: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+        """Backward of scale · Σ_e p_src/N_src · ℓ(e); returns the per-source loss sums (detached, global)."""
+        sums = torch.zeros(self.num_sources, dtype=torch.float64, device=self.logits.device)
+        for batch in micro_batches:
+            losses, source_ids = self.train_loss_fn(model, batch)
+            source_ids = source_ids.to(example_weights.device)
+            weight = example_weights[source_ids].to(losses.dtype).to(losses.device)
+            (scale * self.gradient_sum_factor * (weight * losses).sum()).backward()
+            sums.index_add_(0, source_ids, losses.detach().double().to(sums.device))
+        return self.all_reduce(sums)
+
+    def _validation_backward(self, model: nn.Module, micro_batches: Sequence) -> float:
+        sizes = torch.tensor([float(self.val_weight_fn(b)) if self.val_weight_fn else 1.0 for b in micro_batches],
+                             dtype=torch.float64, device=self.logits.device)
+        total = float(self.all_reduce(sizes.sum().clone()))
+        value = torch.zeros((), dtype=torch.float64, device=self.logits.device)
+        for batch, size in zip(micro_batches, sizes.tolist()):
+            loss = self.val_loss_fn(model, batch)
+            (loss * (size / total) * self.gradient_sum_factor).backward()
+            value += loss.detach().double() * size / total
+        return float(self.all_reduce(value))
+
+    @staticmethod
+    def _clip(model: nn.Module, max_norm: float | None) -> float:
+        parameters = [p for p in model.parameters() if p.grad is not None]
+        if not parameters:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm is not None else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def step(self, train_batch, val_batch) -> dict[str, float]:
+        """One ScaleBiO step; `train_batch` / `val_batch` are a batch or a list of micro-batches."""
+        train_micro = list(train_batch) if isinstance(train_batch, (list, tuple)) else [train_batch]
+        val_micro = list(val_batch) if isinstance(val_batch, (list, tuple)) else [val_batch]
+        step = self.steps_done
+        rates = self._set_learning_rates(step)
+        alpha = self.current_alpha(step)
+        for optimizer in (self.lower_optimizer, self.upper_optimizer, self.weights_optimizer):
+            optimizer.zero_grad(set_to_none=True)
+
+        weights = self.weights
+        counts = self._source_counts(train_micro)
+        present = counts > 0
+        per_example = torch.where(present, weights / counts.clamp(min=1), torch.zeros_like(weights))
+
+        lower_sums = self._weighted_train_backward(self.lower_model, train_micro, per_example, 1.0)
+        upper_sums = self._weighted_train_backward(self.upper_model, train_micro, per_example, alpha)
+        val_loss = self._validation_backward(self.upper_model, val_micro)
+
+        lower_means = lower_sums / counts.clamp(min=1)
+        upper_means = upper_sums / counts.clamp(min=1)
+        self.logits.grad = weight_gradient(weights, lower_means, upper_means, present, alpha)
+        weight_grad_norm = float(self.logits.grad.norm())
+        if self.max_weight_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([self.logits], self.max_weight_grad_norm)
+        lower_norm = self._clip(self.lower_model, self.max_grad_norm)
+        upper_norm = self._clip(self.upper_model, self.max_grad_norm)
+
+        l2_lower = float((weights * lower_means * present).sum())
+        l2_upper = float((weights * upper_means * present).sum())
+        metrics = {"val_loss_upper": val_loss, "train_loss_lower": l2_lower, "train_loss_upper": l2_upper,
+                   "gap": l2_upper - l2_lower, "alpha": alpha, "grad_norm_lower": lower_norm,
+                   "grad_norm_upper": upper_norm, "grad_norm_weights": weight_grad_norm,
+                   "lr_lower": rates["lower"], "lr_upper": rates["upper"], "lr_weights": rates["weights"]}
+        if not all(math.isfinite(v) for v in metrics.values()):
+            for optimizer in (self.lower_optimizer, self.upper_optimizer, self.weights_optimizer):
+                optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"ScaleBiO step {step + 1}: non-finite values {metrics}")
+        self.lower_optimizer.step()
+        self.upper_optimizer.step()
+        self.weights_optimizer.step()
+        self.steps_done += 1
+        return metrics
+
+    # ---- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self, include_models: bool = True) -> dict:
+        state = {"logits": self.logits.detach().cpu().clone(), "steps_done": self.steps_done,
+                 "weights_optimizer": self.weights_optimizer.state_dict()}
+        if include_models:
+            state.update(lower_model=self.lower_model.state_dict(), upper_model=self.upper_model.state_dict(),
+                         lower_optimizer=self.lower_optimizer.state_dict(),
+                         upper_optimizer=self.upper_optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state["logits"].to(self.logits.device))
+        self.steps_done = int(state["steps_done"])
+        self.weights_optimizer.load_state_dict(state["weights_optimizer"])
+        if "lower_model" in state:
+            self.lower_model.load_state_dict(state["lower_model"])
+            self.upper_model.load_state_dict(state["upper_model"])
+            self.lower_optimizer.load_state_dict(state["lower_optimizer"])
+            self.upper_optimizer.load_state_dict(state["upper_optimizer"])

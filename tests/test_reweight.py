@@ -1,0 +1,153 @@
+"""`reweight` and `mix` end to end on a tiny LM: designed corruption, resume, two processes, outputs."""
+
+import csv
+import json
+import random
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmrefinery.data.builders import corrupt_answers, write_jsonl
+from lmrefinery.recipes.mix import mixture_counts
+from lmrefinery.train.checkpoint import checkpoint_steps
+from tests.helpers import run_cli, run_torchrun, write_yaml
+from tests.tiny import save_tiny_model
+
+RATES = (0.0, 0.3, 0.6, 1.0)
+NAMES = ("clean", "c30", "c60", "c100")
+
+
+def _arithmetic(count, seed):
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        a, b = rng.randrange(6), rng.randrange(6)
+        records.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                     {"role": "assistant", "content": f"It is {a + b}."}]})
+    return records
+
+
+def _reweight_config(tmp_path, model_dir, seed=0, **train):
+    """4 sources cut from one clean dataset, answers corrupted ('.') at rates 0, 0.3, 0.6, 1.0."""
+    pool = _arithmetic(160, seed)
+    sources = []
+    for index, (name, rate) in enumerate(zip(NAMES, RATES)):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", corrupt_answers(pool[40 * index: 40 * (index + 1)], rate,
+                                                                        seed=seed + index))
+        sources.append({"name": name, "path": str(path)})
+    validation = write_jsonl(tmp_path / "val.jsonl", _arithmetic(32, seed + 100))
+    settings = {"steps": 60, "batch_size": 16, "val_batch_size": 8, "micro_batch_size": 8, "warmup_ratio": 0.0}
+    settings.update(train)
+    return {"output_dir": str(tmp_path / "run"), "seed": seed, "model": {"name_or_path": str(model_dir)},
+            "data": {"sources": sources, "max_length": 64},
+            "validation": {"sources": [{"name": "val", "path": str(validation)}]},
+            "scalebio": {"alpha": 10, "lr_lower": 3e-3, "lr_upper": 3e-3, "lr_weights": 0.05},
+            "train": settings}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weights_are_ordered_by_corruption(tmp_path, seed):
+    model_dir = save_tiny_model(tmp_path / "model", "llama", seed=seed)
+    config = write_yaml(tmp_path / "rw.yaml", _reweight_config(tmp_path, model_dir, seed))
+    assert run_cli("reweight", "--config", config) == 0
+    weights = json.loads((tmp_path / "run" / "weights.json").read_text())["weights"]
+    ordered = [weights[name] for name in NAMES]
+    assert ordered == sorted(ordered, reverse=True), weights
+    assert ordered[0] > 0.4
+
+
+def test_outputs(tmp_path, tiny_model_dir):
+    config = write_yaml(tmp_path / "rw.yaml", _reweight_config(tmp_path, tiny_model_dir, steps=4))
+    assert run_cli("reweight", "--config", config, "save_upper_model=true") == 0
+    run = tmp_path / "run"
+    result = json.loads((run / "weights.json").read_text())
+    assert list(result["weights"]) == list(NAMES) and sum(result["weights"].values()) == pytest.approx(1.0)
+    assert result["source_sizes"] == dict.fromkeys(NAMES, 40) and result["steps"] == 4 and result["alpha"] == 10
+    rows = list(csv.reader((run / "weights.csv").open()))
+    assert rows[0] == ["step", *NAMES] and [r[0] for r in rows[1:]] == ["0", "1", "2", "3", "4"]
+    assert [float(v) for v in rows[-1][1:]] == pytest.approx([result["weights"][n] for n in NAMES], abs=1e-6)
+    assert (run / "plots" / "weights.png").stat().st_size > 1000 and (run / "plots" / "losses.png").exists()
+    report = (run / "report.md").read_text()
+    assert "| clean | 40 |" in report and "plots/weights.png" in report
+    assert (run / "upper_model" / "config.json").exists()
+
+
+def test_resume_gives_the_same_final_weights(tmp_path, tiny_model_dir):
+    config = _reweight_config(tmp_path, tiny_model_dir, steps=6, checkpoint_every=3, keep_last=5)
+    config["lisa"] = {"enabled": True, "layers": 1, "interval": 2}
+    reference = dict(config, output_dir=str(tmp_path / "uninterrupted"))
+    assert run_cli("reweight", "--config", write_yaml(tmp_path / "ref.yaml", reference)) == 0
+    assert run_cli("reweight", "--config", write_yaml(tmp_path / "rw.yaml", config)) == 0
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step-6")
+    for name in ("weights.json", "weights.csv", "report.md"):
+        (run / name).unlink()
+    assert checkpoint_steps(run) == [3]
+    assert run_cli("reweight", "--config", tmp_path / "rw.yaml", "--resume") == 0
+    resumed = json.loads((run / "weights.json").read_text())["weights"]
+    expected = json.loads((tmp_path / "uninterrupted" / "weights.json").read_text())["weights"]
+    for name in NAMES:
+        assert resumed[name] == pytest.approx(expected[name], abs=1e-6)
+    for model in ("lower", "upper"):
+        final = load_file(str(run / "checkpoints" / "step-6" / f"{model}.safetensors"))
+        reference_model = load_file(str(tmp_path / "uninterrupted" / "checkpoints" / "step-6" / f"{model}.safetensors"))
+        for key in final:
+            torch.testing.assert_close(final[key], reference_model[key], atol=1e-6, rtol=0)
+
+
+def test_two_processes_give_the_same_weights(tmp_path, tiny_model_dir):
+    config = _reweight_config(tmp_path, tiny_model_dir, steps=5, micro_batch_size=4)
+    single = dict(config, output_dir=str(tmp_path / "single"))
+    double = dict(config, output_dir=str(tmp_path / "double"))
+    assert run_cli("reweight", "--config", write_yaml(tmp_path / "single.yaml", single)) == 0
+    result = run_torchrun(2, "reweight", "--config", write_yaml(tmp_path / "double.yaml", double))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "single" / "weights.json").read_text())["weights"]
+    two = json.loads((tmp_path / "double" / "weights.json").read_text())["weights"]
+    for name in NAMES:
+        assert two[name] == pytest.approx(one[name], abs=1e-5)
+    assert one["clean"] != pytest.approx(0.25, abs=1e-4)  # the weights did move
+
+
+@pytest.mark.parametrize("total, weights, expected", [
+    (10, [0.5, 0.3, 0.2], [5, 3, 2]),
+    (10, [0.34, 0.33, 0.33], [4, 3, 3]),          # one left over: largest remainder (0.4) goes to the first
+    (7, [0.1, 0.45, 0.45], [1, 3, 3]),            # remainders 0.7/0.15/0.15: source 0 gets the top-up
+    (5, [0.2, 0.2, 0.2, 0.2, 0.2], [1, 1, 1, 1, 1]),
+])
+def test_mixture_counts(total, weights, expected):
+    assert mixture_counts(total, weights) == expected
+
+
+def test_mix_draws_by_weights_and_reports(tmp_path):
+    small = write_jsonl(tmp_path / "small.jsonl", _arithmetic(5, 0))
+    large = write_jsonl(tmp_path / "large.jsonl", [{"instruction": f"Say {i}.", "output": str(i)} for i in range(50)])
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps({"weights": {"small": 0.6, "large": 0.4}}))
+    config = {"output_dir": str(tmp_path / "mix"), "weights": str(weights), "num_examples": 20, "seed": 3,
+              "sources": [{"name": "small", "path": str(small)}, {"name": "large", "path": str(large)}]}
+    assert run_cli("mix", "--config", write_yaml(tmp_path / "mix.yaml", config)) == 0
+    records = [json.loads(line) for line in (tmp_path / "mix" / "mix.jsonl").read_text().splitlines()]
+    manifest = json.loads((tmp_path / "mix" / "manifest.json").read_text())
+    assert Counter(r["source"] for r in records) == {"small": 12, "large": 8}
+    assert manifest["sources"]["small"] == {"weight": 0.6, "count": 12, "available": 5, "without_replacement": 5,
+                                            "with_replacement": 7}
+    small_texts = {json.dumps(r["messages"]) for r in records if r["source"] == "small"}
+    assert len(small_texts) == len({json.dumps(r["messages"]) for r in _arithmetic(5, 0)})  # every one used
+    large_texts = [json.dumps(r["messages"]) for r in records if r["source"] == "large"]
+    assert len(set(large_texts)) == 8  # no repeats while the source lasts
+    assert all("messages" in r for r in records)
+    assert run_cli("mix", "--config", tmp_path / "mix.yaml", f"output_dir={tmp_path / 'again'}") == 0
+    assert (tmp_path / "again" / "mix.jsonl").read_text() == (tmp_path / "mix" / "mix.jsonl").read_text()
+
+
+def test_mix_rejects_weights_that_do_not_name_the_sources(tmp_path, capsys):
+    small = write_jsonl(tmp_path / "small.jsonl", _arithmetic(5, 0))
+    config = {"output_dir": str(tmp_path / "mix"), "weights": {"other": 1.0}, "num_examples": 3,
+              "sources": [{"name": "small", "path": str(small)}]}
+    assert run_cli("mix", "--config", write_yaml(tmp_path / "mix.yaml", config)) == 2
+    assert "weights name ['other'], but the sources are ['small']" in capsys.readouterr().err
+    assert not (tmp_path / "mix").exists()

@@ -1,0 +1,149 @@
+"""The ScaleBiO core against its formulas, invariances and a convex problem with a known optimum."""
+
+import copy
+
+import pytest
+import torch
+
+from lmrefinery.scalebio import ScaleBiO
+
+D, N, N_VAL, RIDGE = 6, 30, 40, 0.05
+NOISE = (0.3, 1.0, 3.0)
+
+
+def _ridge_problem(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    theta = torch.randn(D, dtype=torch.float64, generator=generator)
+    xs = [torch.randn(N, D, dtype=torch.float64, generator=generator) for _ in NOISE]
+    ys = [x @ theta + s * torch.randn(N, dtype=torch.float64, generator=generator) for x, s in zip(xs, NOISE)]
+    x_val = torch.randn(N_VAL, D, dtype=torch.float64, generator=generator)
+    train = {"x": torch.cat(xs), "y": torch.cat(ys), "source_ids": torch.arange(3).repeat_interleave(N)}
+    return xs, ys, train, {"x": x_val, "y": x_val @ theta}
+
+
+def _train_loss(model, batch):
+    """Per-example squared error plus the ridge penalty (so Σ_i p_i ℓ̄_i is exactly the ridge objective)."""
+    residual = model(batch["x"]).squeeze(-1) - batch["y"]
+    return residual ** 2 + RIDGE * (model.weight ** 2).sum(), batch["source_ids"]
+
+
+def _val_loss(model, batch):
+    return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+
+
+def _core(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(D, 1, bias=False).double()
+    settings = dict(alpha=100.0, lr_lower=0.2, lr_upper=0.002, lr_weights=1.0, optimizer="sgd", weight_decay=0.0,
+                    schedule="constant", warmup_ratio=0.0)
+    settings.update(kwargs)
+    return ScaleBiO(model, 3, _train_loss, _val_loss, **settings)
+
+
+def _subset(batch, rows):
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def test_weight_gradient_equals_the_formula_and_autograd():
+    _, _, train, val = _ridge_problem()
+    core = _core(alpha=7.0)
+    with torch.no_grad():
+        core.logits.copy_(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
+        core.upper_model.weight.add_(0.1)  # u ≠ w so that the discrepancy is not zero
+    lower, upper = copy.deepcopy(core.lower_model), copy.deepcopy(core.upper_model)
+    p = torch.softmax(core.logits.detach(), 0)
+    core.step(train, val)
+    with torch.no_grad():
+        mean_loss = [torch.stack([_train_loss(m, train)[0][train["source_ids"] == i].mean() for i in range(3)])
+                     for m in (lower, upper)]
+    jacobian = torch.diag(p) - torch.outer(p, p)
+    expected = 7.0 * jacobian @ (mean_loss[1] - mean_loss[0])
+    torch.testing.assert_close(core.logits.grad, expected, atol=1e-6, rtol=0)
+    logits = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    objective = 7.0 * (torch.softmax(logits, 0) * (mean_loss[1] - mean_loss[0])).sum()
+    torch.testing.assert_close(core.logits.grad, torch.autograd.grad(objective, logits)[0], atol=1e-6, rtol=0)
+
+
+def test_step_is_invariant_to_micro_batching():
+    _, _, train, val = _ridge_problem()
+    settings = dict(optimizer="adamw", lr_lower=0.01, lr_upper=0.01, lr_weights=0.01,
+                    val_weight_fn=lambda batch: len(batch["y"]))
+    whole, split = _core(**settings), _core(**settings)
+    permutation = torch.randperm(len(train["y"]), generator=torch.Generator().manual_seed(1))
+    micro = [_subset(train, permutation[i: i + 23]) for i in range(0, len(permutation), 23)]  # uneven pieces
+    val_micro = [_subset(val, torch.arange(0, 10)), _subset(val, torch.arange(10, 40))]
+    for _ in range(3):
+        whole.step(train, val)
+        split.step(micro, val_micro)
+    torch.testing.assert_close(whole.logits.detach(), split.logits.detach(), atol=1e-6, rtol=0)
+    for a, b in ((whole.lower_model, split.lower_model), (whole.upper_model, split.upper_model)):
+        torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=0)
+
+
+def test_validation_micro_batches_weighted_by_size():
+    """Without val_weight_fn micro-batches count equally; with it, the split of the validation batch is invisible."""
+    _, _, train, val = _ridge_problem()
+    sizes = lambda batch: len(batch["y"])  # noqa: E731
+    whole, split = _core(val_weight_fn=sizes), _core(val_weight_fn=sizes)
+    val_micro = [_subset(val, torch.arange(0, 10)), _subset(val, torch.arange(10, 40))]
+    for _ in range(3):
+        whole.step(train, val)
+        split.step(train, val_micro)
+    torch.testing.assert_close(whole.upper_model.weight, split.upper_model.weight, atol=1e-9, rtol=0)
+    torch.testing.assert_close(whole.logits.detach(), split.logits.detach(), atol=1e-9, rtol=0)
+
+
+def test_absent_source_gets_no_gradient():
+    _, _, train, val = _ridge_problem()
+    core = _core()
+    with torch.no_grad():
+        core.upper_model.weight.add_(0.1)  # u ≠ w, so present sources do get a gradient
+    core.step(_subset(train, train["source_ids"] != 1), val)
+    assert core.logits.grad[1].item() == 0.0
+    assert core.logits.grad[0].item() != 0.0 and core.logits.grad[2].item() != 0.0
+
+
+def _ridge_upper_loss(xs, ys, val, p):
+    a = sum(pi * x.T @ x / N for pi, x in zip(p, xs)) + RIDGE * torch.eye(D, dtype=torch.float64)
+    b = sum(pi * x.T @ y / N for pi, x, y in zip(p, xs, ys))
+    theta = torch.linalg.solve(a, b)
+    return float(((val["x"] @ theta - val["y"]) ** 2).mean())
+
+
+def test_ridge_regression_reaches_the_bilevel_optimum():
+    """Settings: K = 3 sources of 30 examples with label noise 0.3 / 1.0 / 3.0, ridge 0.05, noise-free validation;
+    full batches, SGD, α = 100, learning rates u 0.2, w 0.002, λ 1.0, constant schedule, 800 steps."""
+    xs, ys, train, val = _ridge_problem()
+    grid = [(i / 100, j / 100, 1 - i / 100 - j / 100) for i in range(101) for j in range(101 - i)]
+    optimum = min(_ridge_upper_loss(xs, ys, val, p) for p in grid)
+    assert _ridge_upper_loss(xs, ys, val, (1 / 3, 1 / 3, 1 / 3)) > 5 * optimum  # reweighting matters here
+    core = _core()
+    for _ in range(800):
+        core.step(train, val)
+    learned = core.weights.tolist()
+    assert _ridge_upper_loss(xs, ys, val, learned) <= 1.02 * optimum
+    assert learned[0] > learned[1] > learned[2]
+
+
+def test_alpha_continuation_and_learning_rate_schedule():
+    _, _, train, val = _ridge_problem()
+    core = _core(tau=2.0, rounds=2, total_steps=4, schedule="constant", lr_lower=0.1)
+    seen = [core.step(train, val) for _ in range(4)]
+    assert [m["alpha"] for m in seen] == [100.0, 100.0, 200.0, 200.0]
+    assert [m["lr_lower"] for m in seen] == pytest.approx([0.1, 0.1, 0.05, 0.05])
+
+
+def test_state_dict_round_trip_continues_identically():
+    _, _, train, val = _ridge_problem()
+    reference = _core(optimizer="adamw", lr_weights=0.05)
+    for _ in range(6):
+        reference.step(train, val)
+    first = _core(optimizer="adamw", lr_weights=0.05)
+    for _ in range(3):
+        first.step(train, val)
+    second = _core(seed=5, optimizer="adamw", lr_weights=0.05)
+    second.load_state_dict(first.state_dict())
+    for _ in range(3):
+        second.step(train, val)
+    torch.testing.assert_close(second.weights, reference.weights, atol=1e-12, rtol=0)
+    torch.testing.assert_close(second.upper_model.weight, reference.upper_model.weight, atol=1e-12, rtol=0)
