@@ -11,10 +11,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def line_plot(path: str | os.PathLike, steps: list[int], series: dict[str, list[float]], title: str,
-              ylabel: str, xlabel: str = "step") -> Path:
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG through a temporary file, then close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp-plot.png")
+    figure.savefig(temporary)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+def line_plot(path: str | os.PathLike, steps: list[int], series: dict[str, list[float]], title: str,
+              ylabel: str, xlabel: str = "step") -> Path:
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     for label, values in series.items():
         axes.plot(steps[: len(values)], values, label=label, linewidth=1.6)
@@ -25,8 +34,4 @@ def line_plot(path: str | os.PathLike, steps: list[int], series: dict[str, list[
     if len(series) > 1:
         axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp-plot.png")
-    figure.savefig(temporary)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return save_figure(figure, path)

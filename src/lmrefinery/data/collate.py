@@ -16,17 +16,19 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T], IGNORE_INDEX on prompt and padding
     source_ids: torch.Tensor  # [B]
+    example_ids: torch.Tensor | None = None  # [B] positions in the pool, when the caller needs them (distill)
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.input_ids, self.attention_mask, self.labels, self.source_ids)))
+        moved = [t.to(device, non_blocking=True) for t in
+                 (self.input_ids, self.attention_mask, self.labels, self.source_ids)]
+        return Batch(*moved, self.example_ids)
 
     @property
     def supervised_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
+def collate(examples: list[TokenizedExample], pad_id: int, example_ids: list[int] | None = None) -> Batch:
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -36,7 +38,8 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return Batch(input_ids, mask, labels, torch.tensor([e.source_id for e in examples], dtype=torch.long))
+    return Batch(input_ids, mask, labels, torch.tensor([e.source_id for e in examples], dtype=torch.long),
+                 torch.tensor(example_ids, dtype=torch.long) if example_ids is not None else None)
 
 
 def rank_micro_batches(global_batch: list[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +32,17 @@ def example_loss_sums(model: nn.Module, batch: Batch, precision: str) -> tuple[t
     return (token_losses * supervised).sum(dim=1), supervised.sum(dim=1)
 
 
-def global_token_counts(micro_batches: list[Batch], env: DistEnv, device: torch.device) -> tuple[int, int]:
-    """(supervised tokens, input tokens without padding) over the global batch."""
+def global_token_counts(micro_batches: list[Batch], env: DistEnv, device: torch.device) -> tuple[int, int, int]:
+    """(supervised tokens, input tokens without padding, examples) over the global batch."""
     local = torch.tensor([float(sum(b.supervised_tokens for b in micro_batches)),
-                          float(sum(int(b.attention_mask.sum()) for b in micro_batches))],
+                          float(sum(int(b.attention_mask.sum()) for b in micro_batches)),
+                          float(sum(b.input_ids.shape[0] for b in micro_batches))],
                          dtype=torch.float64, device=device)
-    supervised, inputs = all_reduce_sum(local, env).tolist()
-    return int(supervised), int(inputs)
+    supervised, inputs, examples = all_reduce_sum(local, env).tolist()
+    return int(supervised), int(inputs), int(examples)
+
+
+LossSumsFn = Callable[[nn.Module, Batch, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -55,23 +60,28 @@ def _set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         setter(enabled)
 
 
-def accumulate_token_mean_gradients(model: nn.Module, micro_batches: list[Batch], env: DistEnv,
-                                    precision: str) -> tuple[float, int, int]:
+def accumulate_token_mean_gradients(model: nn.Module, micro_batches: list[Batch], env: DistEnv, precision: str,
+                                    loss_sums_fn: LossSumsFn = example_loss_sums,
+                                    normalize_by: str = "tokens") -> tuple[float, int, int]:
     """Backward of (sum of token losses over the global batch) / (supervised tokens in the global batch).
 
     Normalising by the global count, not per micro-batch, makes the gradient independent of how the global batch is
-    split into micro-batches and ranks. Returns the global token-mean loss and the global token counts.
+    split into micro-batches and ranks. `normalize_by="examples"` divides by the global number of examples instead
+    (a per-sequence sum). Returns the global normalised loss and the global token counts.
     """
+    if normalize_by not in ("tokens", "examples"):
+        raise ValueError(f"normalize_by must be 'tokens' or 'examples', got {normalize_by!r}")
     device = micro_batches[0].input_ids.device
-    total_tokens, input_tokens = global_token_counts(micro_batches, env, device)
-    scale = gradient_sum_factor(env) / max(total_tokens, 1)
+    total_tokens, input_tokens, examples = global_token_counts(micro_batches, env, device)
+    normaliser = max(total_tokens if normalize_by == "tokens" else examples, 1)
+    scale = gradient_sum_factor(env) / normaliser
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for index, batch in enumerate(micro_batches):
         _set_gradient_sync(model, index == len(micro_batches) - 1)
-        sums, _ = example_loss_sums(model, batch, precision)
+        sums, _ = loss_sums_fn(model, batch, precision)
         (sums.sum() * scale).backward()
         loss_sum += sums.detach().sum().double()
-    return float(all_reduce_sum(loss_sum, env).item()) / max(total_tokens, 1), total_tokens, input_tokens
+    return float(all_reduce_sum(loss_sum, env).item()) / normaliser, total_tokens, input_tokens
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
@@ -86,10 +96,12 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[Batch], env: DistEnv, precision: str,
-                   max_grad_norm: float | None, step: int) -> StepResult:
+                   max_grad_norm: float | None, step: int, loss_sums_fn: LossSumsFn = example_loss_sums,
+                   normalize_by: str = "tokens") -> StepResult:
     """One optimizer step; raises TrainingDiverged (before touching the weights) on a NaN/inf loss or gradient."""
     optimizer.zero_grad(set_to_none=True)
-    loss, tokens, input_tokens = accumulate_token_mean_gradients(model, micro_batches, env, precision)
+    loss, tokens, input_tokens = accumulate_token_mean_gradients(model, micro_batches, env, precision, loss_sums_fn,
+                                                                 normalize_by)
     grad_norm = clip_gradients(model, max_grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)

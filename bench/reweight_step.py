@@ -1,0 +1,126 @@
+"""`reweight` step time and memory against `sft`, on the same model, micro-batch and batch sizes, side by side.
+
+One run of this script runs three modes, each in a fresh child process (so each peak is its own): `sft` without
+LISA, `reweight` without LISA, `reweight` with LISA (2 layers) on both model copies. The step time is the median of
+the recipes' own `step_time_s` (first step dropped); peak memory as in bench/lisa_memory.py (CPU: peak RSS minus
+RSS before loading anything; CUDA: allocator peak).
+
+Targets: reweight step / sft step ≤ 3.1 (the floor is 3 forward+backward passes: u on B, w on B, w on B_v);
+peak memory of reweight with LISA / sft without LISA ≤ 1.3.
+
+    python bench/reweight_step.py                   # smollm2-135m-instruct, batch 4, validation batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODES = ("sft", "reweight", "reweight_lisa")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def write_data(directory: Path, count: int, words: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    vocabulary = ("the model learns which data sources help the target task most while training on a mixture of "
+                  "arithmetic stories questions answers and plain English text").split()
+    path = directory / f"data-{seed}.jsonl"
+    with path.open("w") as handle:
+        for _ in range(count):
+            question = " ".join(rng.choice(vocabulary) for _ in range(words))
+            answer = " ".join(rng.choice(vocabulary) for _ in range(words))
+            handle.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                                  {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def child(mode: str, args) -> dict:
+    baseline = rss_bytes()
+    from lmrefinery.config import ReweightConfig, SFTConfig, validate_config
+    from lmrefinery.recipes import reweight, sft
+    from lmrefinery.train.precision import peak_memory_bytes
+    from lmrefinery.train.run_dir import read_metrics
+
+    root = Path(args.workdir)
+    sources = [{"name": f"s{i}", "path": str(root / f"data-{i}.jsonl")} for i in range(3)]
+    data = {"sources": sources, "max_length": args.max_length}
+    model = {"name_or_path": args.model, "precision": args.precision}
+    out = root / mode
+    common = {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.micro, "checkpoint_every": None}
+    if mode == "sft":
+        config = validate_config(SFTConfig, {"output_dir": str(out), "model": model, "data": data,
+                                             "save_model": False, "train": {**common, "lr": 1e-5}})
+        sft.run(config)
+    else:
+        config = validate_config(ReweightConfig, {
+            "output_dir": str(out), "model": model, "data": data,
+            "validation": {"sources": [{"name": "val", "path": str(root / "data-9.jsonl")}]},
+            "lisa": {"enabled": mode == "reweight_lisa", "layers": 2, "interval": 2},
+            "train": {**common, "val_batch_size": args.val_batch}})
+        reweight.run(config)
+    import torch
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    times = [m["step_time_s"] for m in read_metrics(out / "metrics.jsonl") if "step_time_s" in m]
+    peak = peak_memory_bytes(device) - (baseline if device.type == "cpu" else 0)
+    return {"mode": mode, "step_s": statistics.median(times[1:]), "peak_memory_bytes": peak, "steps": len(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--val-batch", type=int, default=4)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--words", type=int, default=40)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        import logging
+
+        logging.disable(logging.INFO)
+        print("RESULT " + json.dumps(child(args.mode, args)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in (0, 1, 2, 9):
+            write_data(Path(tmp), args.batch * args.steps * 2, args.words, seed)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        results = {}
+        for mode in MODES:
+            command = [sys.executable, __file__, "--mode", mode, "--workdir", tmp] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("mode", "workdir")]
+            output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            results[mode] = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT "))[7:])
+    sft_result = results["sft"]
+    print(json.dumps({
+        "model": args.model, "batch": args.batch, "val_batch": args.val_batch, "micro_batch": args.micro,
+        "max_length": args.max_length, "results": results,
+        "reweight_step_over_sft_step": round(results["reweight"]["step_s"] / sft_result["step_s"], 3),
+        "reweight_lisa_step_over_sft_step": round(results["reweight_lisa"]["step_s"] / sft_result["step_s"], 3),
+        "reweight_lisa_peak_over_sft_peak": round(results["reweight_lisa"]["peak_memory_bytes"]
+                                                  / sft_result["peak_memory_bytes"], 3),
+        "reweight_peak_over_sft_peak": round(results["reweight"]["peak_memory_bytes"]
+                                             / sft_result["peak_memory_bytes"], 3),
+        "targets": {"reweight_step_over_sft_step": "<= 3.1", "reweight_lisa_peak_over_sft_peak": "<= 1.3"}},
+        indent=2))
+
+
+if __name__ == "__main__":
+    main()
