@@ -19,7 +19,10 @@ COMMANDS = {
     "sft": ("lmrefinery.recipes.sft", "SFTConfig", "fine-tune on one or several sources with a chosen sampling"),
     "reweight": ("lmrefinery.recipes.reweight", "ReweightConfig", "learn per-source data weights with ScaleBiO"),
     "mix": ("lmrefinery.recipes.mix", "MixConfig", "draw an SFT set of N examples with learned weights"),
-    "evaluate": ("lmrefinery.recipes.evaluate", "EvaluateConfig", "held-out loss/perplexity, overall and per source"),
+    "teacher": ("lmrefinery.recipes.teacher", "TeacherConfig", "cache a teacher's top-k token probabilities"),
+    "calibrate": ("lmrefinery.recipes.calibrate", "CalibrateConfig", "fit the teacher temperature that minimises ECE"),
+    "distill": ("lmrefinery.recipes.distill", "DistillConfig", "distil a student from the top-k cache (FIRST)"),
+    "evaluate": ("lmrefinery.recipes.evaluate", "EvaluateConfig", "held-out loss per source, or MCQ accuracy and calibration"),
     "demo": ("lmrefinery.recipes.demo", "DemoConfig", "the whole story on the embedded default model and data"),
 }
 
@@ -35,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("overrides", nargs="*", metavar="key=value",
                              help="dotted overrides applied on top of the file, e.g. train.lr=1e-4")
         if name == "evaluate":
-            command.add_argument("--task", choices=["loss"], help="shorthand for task=...")
+            command.add_argument("--task", choices=["loss", "mcq"], help="shorthand for task=...")
         if name == "demo":
             command.add_argument("--preset", choices=["quick", "default"], help="shorthand for preset=...")
     return parser

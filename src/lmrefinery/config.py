@@ -173,13 +173,78 @@ class MixConfig(StrictModel):
     _unique = field_validator("sources")(_unique_source_names)
 
 
+class TeacherConfig(StrictModel):
+    output_dir: str = Field(description="The cache directory.")
+    seed: int = 0
+    model: ModelConfig = Field(description="The fine-tuned teacher.")
+    data: DataConfig
+    k: int = Field(5, ge=1, le=64, description="Top-k token probabilities kept per response position.")
+    batch_size: int = Field(8, ge=1, description="Examples per teacher forward pass.")
+    shard_size: int = Field(256, ge=1, description="Examples per cache shard (the unit of resume).")
+    logprob_dtype: Literal["float16", "float32"] = "float16"
+
+
+class CalibrateConfig(StrictModel):
+    output_dir: str
+    cache: str = Field(description="A teacher cache of held-out data (not the distillation training data).")
+    transform: Literal["prob_temperature", "logit_temperature"] = "prob_temperature"
+    objective: Literal["ece", "nll"] = "ece"
+    n_bins: int = Field(10, ge=2)
+    grid: list[float] = Field([round(0.1 * i, 1) for i in range(1, 11)], min_length=1,
+                              description="Coarse grid of temperatures.")
+    fine_step: float = Field(0.02, gt=0, description="Then this step within ± one coarse step of the best.")
+
+
+class StudentConfig(StrictModel):
+    init: Literal["model", "keep-layers"] = Field(
+        "keep-layers", description="'model': load name_or_path; 'keep-layers': a subset of the teacher's blocks.")
+    name_or_path: str | None = None
+    keep_every: int = Field(3, ge=1, description="keep-layers: keep blocks 0, n, 2n, …")
+    keep_layers: list[int] | None = Field(None, description="keep-layers: explicit block indices instead.")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = "sdpa"
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _path_for_model_init(self) -> "StudentConfig":
+        if self.init == "model" and not self.name_or_path:
+            raise ValueError("init 'model' needs student.name_or_path")
+        return self
+
+
+class DistillLossConfig(StrictModel):
+    mode: Literal["cache", "online"] = Field("cache", description="'online': full-vocabulary KD from a live teacher.")
+    teacher_transform: Literal["linear", "prob_temperature", "logit_temperature"] = "prob_temperature"
+    temperature: float | None = Field(None, gt=0, description="c or T; default: from `calibration`, else 1.0.")
+    calibration: str | None = Field(None, description="calibration.json from `lmrefinery calibrate`.")
+    other_bucket: bool = False
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
+    hard_label_weight: float = Field(0.0, ge=0, le=1, description="β: loss = (1 − β)·KL + β·cross-entropy.")
+    online_temperature: float = Field(1.0, gt=0, description="Softmax temperature of online KD (loss × T²).")
+
+
+class DistillConfig(StrictModel):
+    output_dir: str
+    seed: int = 0
+    cache: str = Field(description="The teacher cache of the training data (`lmrefinery teacher`).")
+    student: StudentConfig = StudentConfig()
+    loss: DistillLossConfig = DistillLossConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    validation: ValidationConfig | None = None
+    train: TrainConfig = TrainConfig()
+    lisa: LISAConfig = LISAConfig()
+    save_model: bool = True
+
+
 class EvaluateConfig(StrictModel):
     output_dir: str
-    task: Literal["loss"] = "loss"
+    task: Literal["loss", "mcq"] = "loss"
     seed: int = 0
     model: ModelConfig
-    data: DataConfig
+    data: DataConfig = Field(description="loss: the sources to score; mcq: the multiple-choice files.")
     batch_size: int = Field(8, ge=1)
+    n_bins: int = Field(10, ge=2, description="mcq: calibration bins.")
 
 
 class DemoConfig(StrictModel):

@@ -20,6 +20,20 @@ def load_data(model: ModelConfig, data: DataConfig, extra: dict[str, list[Source
     return tokenizer, pool, extras
 
 
+def load_cache_with_data(cache_dir: str, tokenizer_model: ModelConfig | None = None):
+    """A teacher cache, the tokenizer and the very examples it was computed on (re-tokenised from the data config
+    recorded in its manifest, and checked against the manifest's fingerprints)."""
+    from lmrefinery.config import validate_config
+    from lmrefinery.distill.cache import MANIFEST, TeacherCache
+
+    cache = TeacherCache(cache_dir)
+    data = validate_config(DataConfig, cache.manifest["data"], f"{cache_dir}/{MANIFEST} data")
+    model = tokenizer_model or validate_config(ModelConfig, cache.manifest["model"], f"{cache_dir}/{MANIFEST} model")
+    tokenizer, pool, _ = load_data(model, data)
+    cache.check_compatible(tokenizer, int(cache.manifest["vocab_size"]), pool.examples)
+    return cache, tokenizer, pool, data
+
+
 def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int, key: str = "train.batch_size") -> int:
     per_pass = micro_batch_size * world_size
     if batch_size % per_pass:

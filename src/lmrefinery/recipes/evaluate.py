@@ -1,4 +1,5 @@
-"""`lmrefinery evaluate --task loss`: token-mean loss and perplexity on a dataset, overall and per source."""
+"""`lmrefinery evaluate`: `--task loss` (token-mean loss and perplexity, overall and per source) or `--task mcq`
+(multiple-choice accuracy and calibration)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lmrefinery.config import EvaluateConfig, dump_config
+from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, expected_calibration_error,
+                                               maximum_calibration_error, negative_log_likelihood,
+                                               reliability_diagram)
 from lmrefinery.evaluation.loss import evaluate_loss
+from lmrefinery.evaluation.mcq import load_items, score_items
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
-from lmrefinery.models import load_model
+from lmrefinery.models import load_model, load_tokenizer
 from lmrefinery.recipes.common import load_data
 from lmrefinery.train.checkpoint import seed_everything
 from lmrefinery.train.distributed import setup_distributed, shard_model
@@ -19,9 +24,7 @@ from lmrefinery.train.distributed import setup_distributed, shard_model
 log = logging.getLogger(__name__)
 
 
-def run(config: EvaluateConfig, resume: bool = False) -> Path:
-    env = setup_distributed()
-    seed_everything(config.seed, env.rank)
+def _loss(config: EvaluateConfig, env) -> dict:
     tokenizer, pool, _ = load_data(config.model, config.data)
     model = shard_model(load_model(config.model, env.device), env)
     batches = -(-len(pool.examples) // (config.batch_size * env.world_size))
@@ -29,13 +32,74 @@ def run(config: EvaluateConfig, resume: bool = False) -> Path:
     result = evaluate_loss(model, pool, env, config.batch_size, config.model.precision, tokenizer.pad_token_id,
                            progress)
     progress.close()
-    output_dir = Path(config.output_dir)
     if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        report = {"task": "loss", "model": config.model.name_or_path, "sources": pool.names, **result}
-        atomic_write_json(output_dir / "eval.json", report)
-        atomic_write_text(output_dir / "config.yaml", dump_config(config))
         print(json.dumps({"overall": result["overall"],
                           "per_source": {k: v["loss"] for k, v in result["per_source"].items()}}, indent=2))
+    return {"task": "loss", "model": config.model.name_or_path, "sources": pool.names, **result}
+
+
+def mcq_metrics(results: list[dict], n_bins: int) -> dict:
+    """Accuracy and calibration in both views: full-vocabulary top-1 token and option-restricted."""
+    import numpy as np
+
+    def view(correct_key, confidence_key, probabilities, gold_probabilities):
+        correct = [float(r[correct_key]) for r in results]
+        confidence = [r[confidence_key] for r in results]
+        return {"accuracy": float(np.mean(correct)),
+                "ece": expected_calibration_error(confidence, correct, n_bins),
+                "adaptive_ece": adaptive_calibration_error(confidence, correct, n_bins),
+                "mce": maximum_calibration_error(confidence, correct, n_bins),
+                "brier": brier_score(probabilities, [r["gold_index"] for r in results]),
+                "nll": negative_log_likelihood(gold_probabilities),
+                "mean_confidence": float(np.mean(confidence))}
+
+    widest = max(len(r["option_masses"]) for r in results)
+    padded = lambda key: [r[key] + [0.0] * (widest - len(r[key])) for r in results]  # noqa: E731
+    full = view("correct", "confidence", padded("option_masses"), [r["gold_probability"] for r in results])
+    options = view("option_correct", "option_confidence", padded("option_probabilities"),
+                   [r["option_probabilities"][r["gold_index"]] for r in results])
+    return {"items": len(results), "full_vocabulary": full, "options": options,
+            "format_misses": sum(r["predicted"] is None for r in results)}
+
+
+def _mcq(config: EvaluateConfig, env, output_dir: Path) -> dict:
+    tokenizer = load_tokenizer(config.model)
+    per_source = {}
+    items_by_source = {s.name: load_items(s.path, config.data.on_bad_record) for s in config.data.sources}
+    model = load_model(config.model, env.device)
+    all_results = []
+    for name, items in items_by_source.items():
+        results = score_items(model, tokenizer, items, config.batch_size, config.model.precision, env.device)
+        for result in results:
+            result["source"] = name
+        per_source[name] = mcq_metrics(results, config.n_bins)
+        all_results += results
+    overall = mcq_metrics(all_results, config.n_bins)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "items.jsonl", "".join(json.dumps(r) + "\n" for r in all_results))
+        reliability_diagram([r["confidence"] for r in all_results], [float(r["correct"]) for r in all_results],
+                            output_dir / "plots" / "reliability.png", config.n_bins,
+                            "MCQ: full-vocabulary confidence")
+        reliability_diagram([r["option_confidence"] for r in all_results],
+                            [float(r["option_correct"]) for r in all_results],
+                            output_dir / "plots" / "reliability-options.png", config.n_bins,
+                            "MCQ: option-restricted confidence")
+        print(json.dumps({"accuracy": overall["full_vocabulary"]["accuracy"], "ece": overall["full_vocabulary"]["ece"],
+                          "option_accuracy": overall["options"]["accuracy"], "option_ece": overall["options"]["ece"]},
+                         indent=2))
+    return {"task": "mcq", "model": config.model.name_or_path, "sources": list(items_by_source), "overall": overall,
+            "per_source": per_source}
+
+
+def run(config: EvaluateConfig, resume: bool = False) -> Path:
+    env = setup_distributed()
+    seed_everything(config.seed, env.rank)
+    output_dir = Path(config.output_dir)
+    report = _loss(config, env) if config.task == "loss" else _mcq(config, env, output_dir)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output_dir / "eval.json", report)
+        atomic_write_text(output_dir / "config.yaml", dump_config(config))
         log.info("wrote %s", output_dir / "eval.json")
     return output_dir

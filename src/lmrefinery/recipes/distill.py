@@ -1,0 +1,160 @@
+"""`lmrefinery distill`: train a student on the teacher's cached top-k distributions (FIRST), or — as a baseline —
+by full-vocabulary KD from a live teacher.
+
+setup (the cache and the very examples it was made from; the student: its own model or `keep-layers` of the
+teacher; the temperature from calibrate) → the shared training loop with the distillation loss → save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from lmrefinery.config import DistillConfig, ModelConfig, validate_config
+from lmrefinery.data.sampling import MixtureSampler
+from lmrefinery.data.tokenize import IGNORE_INDEX
+from lmrefinery.distill.losses import topk_kl_per_position
+from lmrefinery.distill.student import every_nth, keep_layers
+from lmrefinery.errors import UserError
+from lmrefinery.fileio import atomic_write_json
+from lmrefinery.models import find_decoder_layers, load_model
+from lmrefinery.models.loading import enable_activation_checkpointing
+from lmrefinery.data.sources import load_pool
+from lmrefinery.data.tokenize import ChatEncoder
+from lmrefinery.recipes.common import accumulation_steps, load_cache_with_data, total_steps
+from lmrefinery.train.checkpoint import seed_everything
+from lmrefinery.train.distributed import setup_distributed, shard_model
+from lmrefinery.train.loop import TrainingSetup, train
+from lmrefinery.train.precision import autocast
+from lmrefinery.train.run_dir import check_output_dir
+from lmrefinery.train.save import save_hf_model
+
+log = logging.getLogger(__name__)
+
+
+def _teacher_model_config(manifest: dict, student: ModelConfig | None = None) -> ModelConfig:
+    config = validate_config(ModelConfig, manifest["model"], "cache manifest model")
+    if student is not None:
+        config = config.model_copy(update={"precision": student.precision,
+                                           "attn_implementation": student.attn_implementation,
+                                           "gradient_checkpointing": False})
+    return config
+
+
+def build_student(config: DistillConfig, manifest: dict, device) -> tuple[torch.nn.Module, ModelConfig]:
+    options = {"precision": config.student.precision, "attn_implementation": config.student.attn_implementation,
+               "gradient_checkpointing": False}
+    if config.student.init == "model":
+        model_config = ModelConfig(name_or_path=config.student.name_or_path, **options)
+        model = load_model(model_config, device)
+    else:
+        teacher_config = _teacher_model_config(manifest).model_copy(update=options)
+        teacher = load_model(teacher_config, device)
+        total = len(find_decoder_layers(teacher))
+        keep = config.student.keep_layers or every_nth(total, config.student.keep_every)
+        try:
+            model = keep_layers(teacher, keep)
+        except ValueError as exc:
+            raise UserError(f"student.keep_layers: {exc}") from None
+        del teacher
+        model_config = teacher_config
+        log.info("student: teacher blocks %s of %d", keep, total)
+    if config.student.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, model_config
+
+
+def resolve_temperature(config: DistillConfig) -> float:
+    if config.loss.temperature is not None:
+        return config.loss.temperature
+    if config.loss.calibration:
+        path = Path(config.loss.calibration)
+        try:
+            calibration = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: cannot read calibration.json ({exc})") from None
+        if calibration.get("transform") != config.loss.teacher_transform:
+            raise UserError(f"{path}: temperature fitted for {calibration.get('transform')!r}, but "
+                            f"loss.teacher_transform is {config.loss.teacher_transform!r}")
+        return float(calibration["temperature"])
+    return 1.0
+
+
+def cached_loss_fn(cache, loss, temperature: float):
+    def loss_sums(model, batch, precision):
+        with autocast(precision, batch.input_ids.device):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        mask = batch.labels[:, 1:] != IGNORE_INDEX
+        ids, logprobs, tail = (t.to(logits.device) for t in cache.batch_rows(batch.example_ids.tolist()))
+        per_position = topk_kl_per_position(
+            logits[:, :-1][mask], ids, logprobs, teacher_transform=loss.teacher_transform, temperature=temperature,
+            other_bucket=loss.other_bucket, label_smoothing=loss.label_smoothing, teacher_tail=tail,
+            labels=batch.labels[:, 1:][mask], hard_label_weight=loss.hard_label_weight)
+        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+        sums = torch.zeros(mask.shape[0], dtype=per_position.dtype, device=per_position.device)
+        return sums.index_add(0, rows, per_position), mask.sum(dim=1)
+    return loss_sums
+
+
+def online_loss_fn(teacher, temperature: float, precision: str):
+    """Full-vocabulary KD: KL(softmax(teacher / T) ‖ softmax(student / T)) · T² at every response position."""
+    def loss_sums(model, batch, precision_):
+        with torch.no_grad(), autocast(precision, batch.input_ids.device):
+            teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     use_cache=False).logits
+        with autocast(precision, batch.input_ids.device):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        mask = batch.labels[:, 1:] != IGNORE_INDEX
+        target = torch.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)
+        student = torch.log_softmax(logits[:, :-1][mask].float() / temperature, dim=-1)
+        per_position = (target.exp() * (target - student)).sum(-1) * temperature ** 2
+        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+        sums = torch.zeros(mask.shape[0], dtype=per_position.dtype, device=per_position.device)
+        return sums.index_add(0, rows, per_position), mask.sum(dim=1)
+    return loss_sums
+
+
+def run(config: DistillConfig, resume: bool = False) -> Path:
+    env = setup_distributed()
+    output_dir = check_output_dir(config.output_dir, resume)
+    seed_everything(config.seed, env.rank)
+    cache, tokenizer, pool, data = load_cache_with_data(config.cache)
+    validation_pool = None
+    if config.validation is not None:  # tokenised exactly like the training data
+        validation_pool = load_pool(config.validation.sources, ChatEncoder(tokenizer, data.system_prompt), data)
+    temperature = resolve_temperature(config)
+    accumulation = accumulation_steps(config.train.batch_size, config.train.micro_batch_size, env.world_size)
+    steps = total_steps(config.train.steps, config.train.epochs, pool, config.train.batch_size)
+    sampler = MixtureSampler.build(config.sampling, pool.names, pool.source_indices(), config.train.batch_size,
+                                   config.seed)
+    model, student_config = build_student(config, cache.manifest, env.device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    cache.check_compatible(tokenizer, vocab, pool.examples)
+    if config.loss.mode == "online":
+        teacher = load_model(_teacher_model_config(cache.manifest, student_config), env.device).eval()
+        loss_fn = online_loss_fn(teacher, config.loss.online_temperature, config.student.precision)
+    else:
+        loss_fn = cached_loss_fn(cache, config.loss, temperature)
+    model = shard_model(model, env)
+    model.train()
+
+    last_loss = train(TrainingSetup(
+        name="distill", config=config, output_dir=output_dir, env=env, model=model, pad_id=tokenizer.pad_token_id,
+        pool=pool, sampler=sampler, steps=steps, train=config.train, precision=config.student.precision,
+        lisa=config.lisa, seed=config.seed, validation_pool=validation_pool, validation=config.validation,
+        loss_sums_fn=loss_fn, normalize_by="tokens" if config.loss.reduction == "token_mean" else "examples",
+        start_metrics={"accumulation": accumulation, "temperature": temperature, "mode": config.loss.mode}), resume)
+
+    model_dir = output_dir / "model"
+    if config.save_model:
+        save_hf_model(model, tokenizer, model_dir, env)
+    if env.is_main:
+        atomic_write_json(output_dir / "summary.json", {
+            "command": "distill", "steps": steps, "final_loss": last_loss, "mode": config.loss.mode,
+            "teacher": cache.manifest["teacher"], "temperature": temperature,
+            "teacher_transform": config.loss.teacher_transform, "model": str(model_dir) if config.save_model else None})
+        log.info("outputs in %s (model: %s)", output_dir, model_dir)
+    return output_dir

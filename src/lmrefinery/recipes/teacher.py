@@ -1,0 +1,114 @@
+"""`lmrefinery teacher`: the teacher's top-k cache over the training data (spec/first.md §3).
+
+Batched teacher forward passes; at response positions only (those whose next token is supervised), an fp32
+log-softmax over the full vocabulary in chunks of positions, the top-k ids and log-probs and the tail log-mass.
+Shards of `shard_size` examples are written atomically; a rerun with --resume keeps finished shards and redoes the
+rest. Under torchrun each process computes its own shards (a full teacher replica each); rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lmrefinery.config import TeacherConfig
+from lmrefinery.data.collate import collate
+from lmrefinery.data.tokenize import IGNORE_INDEX
+from lmrefinery.distill.cache import (MANIFEST, ConcentrationStats, completed_shards, id_dtype_for, write_manifest,
+                                      write_shard)
+from lmrefinery.distill.losses import log1mexp
+from lmrefinery.errors import UserError
+from lmrefinery.fileio import remove_temporaries
+from lmrefinery.models import load_model
+from lmrefinery.recipes.common import load_data
+from lmrefinery.train.checkpoint import seed_everything
+from lmrefinery.train.distributed import barrier, setup_distributed
+from lmrefinery.train.precision import autocast
+
+log = logging.getLogger(__name__)
+POSITION_CHUNK = 512  # positions per fp32 log-softmax: bounds the fp32 copy to 512 × vocabulary
+
+
+@torch.no_grad()
+def teacher_topk(model, batch, k: int, precision: str, stats: ConcentrationStats):
+    """Per example of the batch: (ids [P, k], logprobs [P, k], tail [P]) at its response positions."""
+    with autocast(precision, batch.input_ids.device):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    response = batch.labels[:, 1:] != IGNORE_INDEX
+    selected = logits[:, :-1][response]
+    keep = max(k, 10)
+    ids, logprobs, tails = [], [], []
+    for start in range(0, selected.shape[0], POSITION_CHUNK):
+        log_probs = torch.log_softmax(selected[start: start + POSITION_CHUNK].float(), dim=-1)
+        top = log_probs.topk(min(keep, log_probs.shape[-1]), dim=-1)
+        stats.add(top.values.exp())
+        ids.append(top.indices[:, :k])
+        logprobs.append(top.values[:, :k])
+        tails.append(log1mexp(torch.logsumexp(top.values[:, :k], dim=-1)))
+    counts = response.sum(dim=1).tolist()
+    return (torch.cat(ids).split(counts), torch.cat(logprobs).split(counts), torch.cat(tails).split(counts))
+
+
+def _check_cache_dir(output_dir: Path, resume: bool) -> None:
+    has_cache = (output_dir / MANIFEST).exists() or any(output_dir.glob("shard-*"))
+    if has_cache and not resume:
+        raise UserError(f"{output_dir}: already holds a teacher cache; pass --resume to finish it or choose "
+                        f"another output_dir")
+
+
+def run(config: TeacherConfig, resume: bool = False) -> Path:
+    env = setup_distributed()
+    output_dir = Path(config.output_dir)
+    _check_cache_dir(output_dir, resume)
+    seed_everything(config.seed, env.rank)
+    tokenizer, pool, _ = load_data(config.model, config.data)
+    model = load_model(config.model, env.device)
+    model.eval()
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    id_dtype = id_dtype_for(vocab_size)
+    logprob_dtype = getattr(torch, config.logprob_dtype)
+
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(output_dir)
+    barrier(env)
+    total = len(pool.examples)
+    shard_count = -(-total // config.shard_size)
+    done = completed_shards(output_dir) if resume else {}
+    mine = [i for i in range(shard_count) if i % env.world_size == env.rank and i not in done]
+    if done:
+        log.info("resuming: %d of %d shards already complete", len(done), shard_count)
+    progress = tqdm(total=sum(min(config.shard_size, total - i * config.shard_size) for i in mine), desc="teacher",
+                    disable=not env.is_main, dynamic_ncols=True)
+    for index in mine:
+        first = index * config.shard_size
+        members = list(range(first, min(first + config.shard_size, total)))
+        stats = ConcentrationStats()
+        ids, logprobs, tails, counts = [], [], [], [0]
+        for start in range(0, len(members), config.batch_size):
+            chunk = members[start: start + config.batch_size]
+            batch = collate([pool.examples[i] for i in chunk], tokenizer.pad_token_id).to(env.device)
+            for example_ids, example_logprobs, example_tail in zip(*teacher_topk(model, batch, config.k,
+                                                                                 config.model.precision, stats)):
+                ids.append(example_ids.to(id_dtype).cpu())
+                logprobs.append(example_logprobs.to(logprob_dtype).cpu())
+                tails.append(example_tail.to(logprob_dtype).cpu())
+                counts.append(counts[-1] + example_ids.shape[0])
+            progress.update(len(chunk))
+        write_shard(output_dir, index, torch.cat(ids), torch.cat(logprobs), torch.cat(tails),
+                    torch.tensor(counts, dtype=torch.int64), first, stats)
+    progress.close()
+    barrier(env)
+    if env.is_main:
+        manifest = write_manifest(output_dir, teacher=config.model.name_or_path, tokenizer=tokenizer,
+                                  vocab_size=vocab_size, k=config.k, logprob_dtype=config.logprob_dtype, pool=pool,
+                                  data=config.data.model_dump(mode="json"), model=config.model.model_dump(mode="json"))
+        lines = [f"  top-{k}: mean {v['mean']:.3f}, median {v['median']:.3f}, 5th percentile {v['p5']:.3f}"
+                 for k, v in manifest["concentrated_knowledge"].items()]
+        log.info("cumulative teacher probability in the top-k tokens (response positions):\n%s", "\n".join(lines))
+        log.info("cache in %s (%d examples, %d positions)", output_dir, manifest["examples"], manifest["positions"])
+    barrier(env)
+    return output_dir

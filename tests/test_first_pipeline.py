@@ -1,0 +1,157 @@
+"""calibrate, distill, student initialisation and MCQ evaluation on tiny models and designed data."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmrefinery.config import DataConfig, SourceConfig
+from lmrefinery.data.sources import load_pool
+from lmrefinery.data.tokenize import ChatEncoder
+from lmrefinery.distill.cache import ConcentrationStats, write_manifest, write_shard
+from lmrefinery.distill.student import keep_layers
+from lmrefinery.evaluation.mcq import letter_token_ids, load_items, parse_item, prompt_ids
+from lmrefinery.models import find_decoder_layers
+from lmrefinery.train.run_dir import read_metrics
+from tests.first_helpers import make_cache
+from tests.helpers import run_cli, write_yaml
+from tests.tiny import FAMILIES, messages_records, tiny_model, write_jsonl
+
+
+def _overconfident_cache(tmp_path, model_dir, tokenizer, accuracy=0.6):
+    """A cache whose teacher puts 0.97 on its top-1 token but is right only `accuracy` of the time."""
+    path = write_jsonl(tmp_path / "held.jsonl", messages_records(0, 40))
+    data = DataConfig(sources=[SourceConfig(name="held", path=str(path))], max_length=96)
+    pool = load_pool(data.sources, ChatEncoder(tokenizer), data)
+    rng = random.Random(0)
+    probabilities = torch.tensor([0.97, 0.01, 0.008, 0.006, 0.004])
+    ids, offsets = [], [0]
+    for example in pool.examples:
+        for label in example.labels[1:]:
+            if label == -100:
+                continue
+            wrong = [(label + j) % len(tokenizer) for j in range(1, 6)]
+            ids.append([label] + wrong[:4] if rng.random() < accuracy else wrong)
+        offsets.append(len(ids))
+    directory = tmp_path / "held-cache"
+    directory.mkdir()
+    count = len(ids)
+    write_shard(directory, 0, torch.tensor(ids, dtype=torch.uint16), probabilities.log().repeat(count, 1),
+                torch.full((count,), math.log(1 - float(probabilities.sum()))), torch.tensor(offsets), 0,
+                ConcentrationStats())
+    write_manifest(directory, teacher=str(model_dir), tokenizer=tokenizer, vocab_size=len(tokenizer), k=5,
+                   logprob_dtype="float32", pool=pool, data=data.model_dump(mode="json"),
+                   model={"name_or_path": str(model_dir)})
+    return directory
+
+
+@pytest.mark.parametrize("transform", ["prob_temperature", "logit_temperature"])
+def test_calibrate_lowers_ece_of_an_overconfident_teacher(tmp_path, tiny_model_dir, tokenizer, transform):
+    cache = _overconfident_cache(tmp_path, tiny_model_dir, tokenizer)
+    grid = [0.1 * i for i in range(1, 11)] if transform == "prob_temperature" else [0.5 * i for i in range(1, 13)]
+    config = write_yaml(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "cal"), "cache": str(cache),
+                                              "transform": transform, "grid": grid})
+    assert run_cli("calibrate", "--config", config) == 0
+    result = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert result["before"]["accuracy"] == pytest.approx(0.6, abs=0.08)
+    assert result["ece_before"] > 0.3  # confidence 0.97, accuracy ≈ 0.6
+    assert result["ece_after"] < result["ece_at_temperature_1"] and result["ece_after"] < result["ece_before"]
+    assert result["ece_after"] < 0.1
+    assert result["ece_after"] == min(point["ece"] for point in result["curve"])
+    temperatures = [point["temperature"] for point in result["curve"]]
+    assert any(abs(t - round(t, 1)) > 1e-6 for t in temperatures)  # the fine grid was searched
+    assert (tmp_path / "cal" / "plots" / "reliability-after.png").exists()
+
+
+def test_distilling_the_teacher_into_itself_has_zero_loss(tmp_path, tiny_model_dir):
+    """keep_every 1 makes the student equal to the teacher: with the linear transform the cached distribution is the
+    student's own restricted softmax, so the loss is zero — only if cache rows line up with the right positions."""
+    cache = make_cache(tmp_path, tiny_model_dir)
+    common = {"cache": str(cache), "student": {"init": "keep-layers", "keep_every": 1},
+              "train": {"steps": 1, "batch_size": 4, "micro_batch_size": 2, "lr": 0.0}, "save_model": False}
+    for mode, transform in (("cache", "linear"), ("online", "linear")):
+        out = tmp_path / f"self-{mode}"
+        config = dict(common, output_dir=str(out), loss={"mode": mode, "teacher_transform": transform})
+        assert run_cli("distill", "--config", write_yaml(tmp_path / f"{mode}.yaml", config)) == 0
+        loss = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m][0]
+        assert loss == pytest.approx(0.0, abs=1e-5)
+    shifted = dict(common, output_dir=str(tmp_path / "other-student"),
+                   student={"init": "keep-layers", "keep_layers": [1]}, loss={"teacher_transform": "linear"})
+    assert run_cli("distill", "--config", write_yaml(tmp_path / "other.yaml", shifted)) == 0
+    loss = [m["loss"] for m in read_metrics(tmp_path / "other-student" / "metrics.jsonl") if "loss" in m][0]
+    assert loss > 1e-3
+
+
+def test_distill_trains_and_uses_calibrated_temperature(tmp_path, tiny_model_dir):
+    cache = make_cache(tmp_path, tiny_model_dir)
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"transform": "prob_temperature", "temperature": 0.3}))
+    config = {"output_dir": str(tmp_path / "student"), "cache": str(cache),
+              "student": {"init": "keep-layers", "keep_layers": [0]},
+              "loss": {"teacher_transform": "prob_temperature", "calibration": str(calibration)},
+              "train": {"steps": 6, "batch_size": 14, "micro_batch_size": 7, "lr": 1e-3, "warmup_steps": 0,
+                        "schedule": "constant"}}  # every step sees the whole pool: the loss must go down
+    assert run_cli("distill", "--config", write_yaml(tmp_path / "d.yaml", config)) == 0
+    metrics = read_metrics(tmp_path / "student" / "metrics.jsonl")
+    assert metrics[0]["temperature"] == 0.3
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < 0.5 * losses[0]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student" / "model")
+    assert student.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_layers_student_for_every_family(tmp_path, family):
+    teacher = tiny_model(family, layers=4).eval()
+    student = keep_layers(teacher, [0, 2])
+    blocks = find_decoder_layers(student)
+    assert len(blocks) == 2 and student.config.num_hidden_layers == 2
+    teacher_blocks = find_decoder_layers(teacher)
+    for kept, original in zip(blocks, (teacher_blocks[0], teacher_blocks[2])):
+        for a, b in zip(kept.parameters(), original.parameters()):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    ids = torch.randint(0, 320, (2, 9))
+    student.save_pretrained(tmp_path / family)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / family).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)
+    assert len(find_decoder_layers(teacher)) == 4  # the teacher is untouched
+
+
+def test_mcq_item_formats(tmp_path):
+    item = parse_item({"question": "2+2?", "options": ["3", "4"], "answer": "b"}, "x")
+    assert item.letters == ["A", "B"] and item.gold == 1 and "A. 3\nB. 4" in item.prompt
+    assert parse_item({"question": "q", "options": {"A": "x", "B": "y", "C": "z"}, "answer": 2}, "x").gold == 2
+    lettered = parse_item({"prompt": "Pick: A) x B) y", "answer": "A"}, "x")
+    assert lettered.letters == list("ABCD") and lettered.gold == 0
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "options": ["a"], "answer": "Z"}])
+    from lmrefinery.errors import UserError
+    with pytest.raises(UserError, match="line 1: 'answer' must be one of"):
+        load_items(str(path))
+
+
+def test_mcq_scores_equal_direct_computation(tmp_path, tiny_model_dir, tokenizer):
+    items = [{"question": f"What is {a} plus {b}?", "options": [str(a + b), str(a + b + 1), str(a * b + 7)],
+              "answer": i % 3} for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 1), (2, 2), (0, 3)])]
+    path = write_jsonl(tmp_path / "mcq.jsonl", items)
+    config = {"output_dir": str(tmp_path / "eval"), "task": "mcq", "model": {"name_or_path": str(tiny_model_dir)},
+              "data": {"sources": [{"name": "sums", "path": str(path)}]}, "batch_size": 2}
+    assert run_cli("evaluate", "--config", write_yaml(tmp_path / "e.yaml", config)) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "items.jsonl").read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    correct = []
+    for item, row in zip(load_items(str(path)), rows):
+        with torch.no_grad():  # one item at a time, no padding: the reference
+            logits = model(input_ids=torch.tensor([prompt_ids(tokenizer, item.prompt)])).logits[0, -1]
+        p = torch.softmax(logits.float(), -1)
+        variants = letter_token_ids(tokenizer, item.letters)
+        assert row["confidence"] == pytest.approx(float(p.max()), abs=1e-5)
+        masses = [float(p[v].sum()) for v in variants]
+        assert row["option_probabilities"] == pytest.approx([m / sum(masses) for m in masses], abs=1e-5)
+        correct.append(int(p.argmax()) in variants[item.gold])
+    assert report["overall"]["full_vocabulary"]["accuracy"] == pytest.approx(sum(correct) / len(correct))
+    assert report["overall"]["items"] == 5 and (tmp_path / "eval" / "plots" / "reliability.png").exists()
