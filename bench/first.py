@@ -10,7 +10,8 @@ Teacher: smollm2-135m-instruct (30 blocks); student: the teacher's blocks 0, 3, 
 3. distill step / sft step on the same student and batches;
 4. distill step / online full-vocabulary KD step (the live teacher's forward included);
 5. peak memory of the loss's forward+backward from the same bf16 logits: top-k KL (other bucket on, chunked) vs
-   the full-vocabulary log-softmax implementation — each in a child process (CPU: peak RSS growth; CUDA: allocator).
+   the full-vocabulary log-softmax implementation — each in a child process: growth of the peak resident set
+   (VmHWM, reset just before the loss) over the resident set with the inputs in place.
 
     python bench/first.py [--examples 16 --batch 4]
 """
@@ -52,6 +53,8 @@ def memory_child(kind: str, args) -> dict:
     logprobs = torch.log_softmax(torch.randn(*shape[:2], 5, generator=generator), -1) - 0.05
     mask = torch.ones(shape[:2], dtype=torch.bool)
     baseline = rss_bytes()
+    with open("/proc/self/clear_refs", "w") as handle:  # reset the kernel's peak-RSS mark (VmHWM) to "now"
+        handle.write("5")
     if kind == "topk":
         loss = topk_kl_loss(logits, ids, logprobs, mask, other_bucket=True)
     else:  # the straightforward implementation: fp32 log-softmax over the whole vocabulary, then gather
@@ -62,9 +65,8 @@ def memory_child(kind: str, args) -> dict:
         target = torch.softmax(torch.cat([logprobs, torch.log1p(-logprobs.exp().sum(-1)).unsqueeze(-1)], -1), -1)
         loss = (target * (target.log() - log_q)).sum(-1).mean()
     loss.backward()
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as handle:
+        peak = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
     return {"kind": kind, "peak_growth_bytes": peak - baseline}
 
 
@@ -87,10 +89,8 @@ def main() -> None:
     logging.disable(logging.INFO)
     import torch
 
-    from lmrefinery.config import (DistillConfig, DistillLossConfig, ModelConfig, TeacherConfig, TrainConfig,
-                                   validate_config)
+    from lmrefinery.config import DistillLossConfig, ModelConfig, TeacherConfig, TrainConfig, validate_config
     from lmrefinery.data.collate import collate
-    from lmrefinery.distill.cache import TeacherCache
     from lmrefinery.distill.student import every_nth, keep_layers
     from lmrefinery.models import find_decoder_layers, load_model
     from lmrefinery.recipes import teacher as teacher_recipe

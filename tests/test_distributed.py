@@ -5,21 +5,16 @@ import torch
 from safetensors.torch import load_file
 
 from lmrefinery.train.checkpoint import checkpoint_steps
-from tests.helpers import losses, run_cli, run_torchrun, sft_config, write_yaml
+from tests.helpers import final_weights, losses, run_one_and_two_processes, run_torchrun, sft_config
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, tiny_model_dir):
     config = sft_config(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2, micro_batch_size=1)
     config["validation"] = {"sources": config["data"]["sources"][:1], "every": 2, "batch_size": 3}
-    single = dict(config, output_dir=str(tmp_path / "single"))
-    double = dict(config, output_dir=str(tmp_path / "double"))
-    assert run_cli("sft", "--config", write_yaml(tmp_path / "single.yaml", single)) == 0
-    result = run_torchrun(2, "sft", "--config", write_yaml(tmp_path / "double.yaml", double))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert losses(tmp_path / "double") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
-    final_single = load_file(str(tmp_path / "single" / "checkpoints" / "step-4" / "model.safetensors"))
-    final_double = load_file(str(tmp_path / "double" / "checkpoints" / "step-4" / "model.safetensors"))
+    single, double = run_one_and_two_processes(tmp_path, "sft", config)
+    assert losses(double) == pytest.approx(losses(single), abs=1e-5)
+    final_single, final_double = final_weights(single, 4), final_weights(double, 4)
     for name in final_single:
         torch.testing.assert_close(final_double[name], final_single[name], atol=1e-5, rtol=0)
     assert (tmp_path / "double" / "checkpoints" / "step-4" / "rng-rank1.pt").exists()

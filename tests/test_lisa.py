@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lmrefinery.data.collate import collate
 from lmrefinery.data.formats import Conversation, Message
@@ -12,11 +11,10 @@ from lmrefinery.data.sources import TokenizedExample
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.lisa import LISA
 from lmrefinery.models import find_decoder_layers
-from lmrefinery.train.checkpoint import checkpoint_steps
 from lmrefinery.train.distributed import DistEnv
 from lmrefinery.train.losses import optimizer_step
 from lmrefinery.train.run_dir import read_metrics
-from tests.helpers import losses, run_cli, run_torchrun, sft_config, write_yaml
+from tests.helpers import final_weights, losses, resumed_after_kill, run_one_and_two_processes, sft_config
 from tests.tiny import FAMILIES, QA, tiny_model
 
 
@@ -140,23 +138,14 @@ def _lisa_config(tmp_path, model_dir, **train):
 
 
 def test_sft_with_lisa_resumes_exactly(tmp_path, tiny_model_dir):
-    config = _lisa_config(tmp_path, tiny_model_dir)
-    reference = dict(config, output_dir=str(tmp_path / "uninterrupted"))
-    assert run_cli("sft", "--config", write_yaml(tmp_path / "ref.yaml", reference)) == 0
-    assert run_cli("sft", "--config", write_yaml(tmp_path / "run.yaml", config)) == 0
-    import shutil
-    run = tmp_path / "run"
-    shutil.rmtree(run / "checkpoints" / "step-6")
-    shutil.rmtree(run / "model")
-    assert checkpoint_steps(run) == [3]  # mid-period: interval 2, so step 3 is inside the second period
-    assert run_cli("sft", "--config", tmp_path / "run.yaml", "--resume") == 0
-    final = load_file(str(run / "checkpoints" / "step-6" / "model.safetensors"))
-    expected = load_file(str(tmp_path / "uninterrupted" / "checkpoints" / "step-6" / "model.safetensors"))
+    # killed at step 3: mid-period (interval 2), so the restored period must continue with the same blocks
+    run, reference = resumed_after_kill(tmp_path, "sft", _lisa_config(tmp_path, tiny_model_dir), 3, 6,
+                                        ("model", "summary.json"))
+    final, expected = final_weights(run, 6), final_weights(reference, 6)
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], atol=1e-6, rtol=0)
     periods = [m for m in read_metrics(run / "metrics.jsonl") if m.get("event") == "lisa"]
-    reference_periods = [m for m in read_metrics(tmp_path / "uninterrupted" / "metrics.jsonl")
-                         if m.get("event") == "lisa"]
+    reference_periods = [m for m in read_metrics(reference / "metrics.jsonl") if m.get("event") == "lisa"]
     assert [p["active_layers"] for p in periods] == [p["active_layers"] for p in reference_periods]
     assert [p["step"] for p in periods] == [1, 3, 5]
     assert len({p["optimizer_state_bytes"] for p in periods}) == 1
@@ -164,19 +153,29 @@ def test_sft_with_lisa_resumes_exactly(tmp_path, tiny_model_dir):
 
 def test_sft_with_lisa_two_processes_match_one(tmp_path, tiny_model_dir):
     config = _lisa_config(tmp_path, tiny_model_dir, steps=4, checkpoint_every=None, micro_batch_size=1)
-    single = dict(config, output_dir=str(tmp_path / "single"))
-    double = dict(config, output_dir=str(tmp_path / "double"))
-    assert run_cli("sft", "--config", write_yaml(tmp_path / "single.yaml", single)) == 0
-    result = run_torchrun(2, "sft", "--config", write_yaml(tmp_path / "double.yaml", double))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert losses(tmp_path / "double") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
-    one = load_file(str(tmp_path / "single" / "checkpoints" / "step-4" / "model.safetensors"))
-    two = load_file(str(tmp_path / "double" / "checkpoints" / "step-4" / "model.safetensors"))
+    single, double = run_one_and_two_processes(tmp_path, "sft", config)
+    assert losses(double) == pytest.approx(losses(single), abs=1e-5)
+    one, two = final_weights(single, 4), final_weights(double, 4)
     for name in one:  # Adam divides by sqrt(v): float summation-order noise in gradients grows a little in weights
         torch.testing.assert_close(two[name], one[name], atol=1e-4, rtol=0)
-    frozen_blocks = {0, 1} - {m["active_layers"][0] for m in read_metrics(tmp_path / "single" / "metrics.jsonl")
+    frozen_blocks = {0, 1} - {m["active_layers"][0] for m in read_metrics(single / "metrics.jsonl")
                               if m.get("event") == "lisa"}
     for block in frozen_blocks:  # a block never activated is bit-identical to the initial model in both runs
         for name in one:
             if name.startswith(f"model.layers.{block}."):
                 assert torch.equal(one[name], two[name])
+
+
+def test_lisa_with_bf16_autocast_and_activation_checkpointing(tokenizer):
+    from lmrefinery.models.loading import enable_activation_checkpointing
+
+    model = tiny_model("llama", layers=4, vocab_size=len(tokenizer))
+    enable_activation_checkpointing(model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    lisa = LISA(model, optimizer, layers=1, interval=2, seed=4)
+    batch = _batch(tokenizer)
+    state_bytes = _check_periods(model, optimizer, lisa,
+                                 lambda: optimizer_step(model, optimizer, None, batch, DistEnv(), "bf16", 1.0, 0))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert len(set(state_bytes)) == 1

@@ -1,6 +1,5 @@
 """LISACallback inside a Hugging Face Trainer passes the same checks as LISA in `sft`."""
 
-import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 

@@ -3,17 +3,14 @@
 import csv
 import json
 import random
-import shutil
 from collections import Counter
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lmrefinery.data.builders import corrupt_answers, write_jsonl
 from lmrefinery.recipes.mix import mixture_counts
-from lmrefinery.train.checkpoint import checkpoint_steps
-from tests.helpers import run_cli, run_torchrun, write_yaml
+from tests.helpers import final_weights, resumed_after_kill, run_cli, run_one_and_two_processes, write_yaml
 from tests.tiny import save_tiny_model
 
 RATES = (0.0, 0.3, 0.6, 1.0)
@@ -78,35 +75,23 @@ def test_outputs(tmp_path, tiny_model_dir):
 def test_resume_gives_the_same_final_weights(tmp_path, tiny_model_dir):
     config = _reweight_config(tmp_path, tiny_model_dir, steps=6, checkpoint_every=3, keep_last=5)
     config["lisa"] = {"enabled": True, "layers": 1, "interval": 2}
-    reference = dict(config, output_dir=str(tmp_path / "uninterrupted"))
-    assert run_cli("reweight", "--config", write_yaml(tmp_path / "ref.yaml", reference)) == 0
-    assert run_cli("reweight", "--config", write_yaml(tmp_path / "rw.yaml", config)) == 0
-    run = tmp_path / "run"
-    shutil.rmtree(run / "checkpoints" / "step-6")
-    for name in ("weights.json", "weights.csv", "report.md"):
-        (run / name).unlink()
-    assert checkpoint_steps(run) == [3]
-    assert run_cli("reweight", "--config", tmp_path / "rw.yaml", "--resume") == 0
+    run, reference = resumed_after_kill(tmp_path, "reweight", config, 3, 6,
+                                        ("weights.json", "weights.csv", "report.md"))
     resumed = json.loads((run / "weights.json").read_text())["weights"]
-    expected = json.loads((tmp_path / "uninterrupted" / "weights.json").read_text())["weights"]
+    expected = json.loads((reference / "weights.json").read_text())["weights"]
     for name in NAMES:
         assert resumed[name] == pytest.approx(expected[name], abs=1e-6)
     for model in ("lower", "upper"):
-        final = load_file(str(run / "checkpoints" / "step-6" / f"{model}.safetensors"))
-        reference_model = load_file(str(tmp_path / "uninterrupted" / "checkpoints" / "step-6" / f"{model}.safetensors"))
+        final, reference_model = final_weights(run, 6, model), final_weights(reference, 6, model)
         for key in final:
             torch.testing.assert_close(final[key], reference_model[key], atol=1e-6, rtol=0)
 
 
 def test_two_processes_give_the_same_weights(tmp_path, tiny_model_dir):
-    config = _reweight_config(tmp_path, tiny_model_dir, steps=5, micro_batch_size=4)
-    single = dict(config, output_dir=str(tmp_path / "single"))
-    double = dict(config, output_dir=str(tmp_path / "double"))
-    assert run_cli("reweight", "--config", write_yaml(tmp_path / "single.yaml", single)) == 0
-    result = run_torchrun(2, "reweight", "--config", write_yaml(tmp_path / "double.yaml", double))
-    assert result.returncode == 0, result.stderr[-3000:]
-    one = json.loads((tmp_path / "single" / "weights.json").read_text())["weights"]
-    two = json.loads((tmp_path / "double" / "weights.json").read_text())["weights"]
+    single, double = run_one_and_two_processes(
+        tmp_path, "reweight", _reweight_config(tmp_path, tiny_model_dir, steps=5, micro_batch_size=4))
+    one = json.loads((single / "weights.json").read_text())["weights"]
+    two = json.loads((double / "weights.json").read_text())["weights"]
     for name in NAMES:
         assert two[name] == pytest.approx(one[name], abs=1e-5)
     assert one["clean"] != pytest.approx(0.25, abs=1e-4)  # the weights did move

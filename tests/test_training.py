@@ -1,6 +1,5 @@
 """Training machinery: accumulation invariance, precision, checkpointing, resume, NaN guard, HF export."""
 
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from lmrefinery.train.checkpoint import checkpoint_steps
 from lmrefinery.train.distributed import DistEnv
 from lmrefinery.train.losses import accumulate_token_mean_gradients
 from lmrefinery.train.run_dir import read_metrics
-from tests.helpers import losses, run_cli, sft_config, write_yaml
+from tests.helpers import final_weights, losses, resumed_after_kill, run_cli, sft_config, write_yaml
 from tests.tiny import QA, tiny_model
 
 
@@ -82,24 +81,14 @@ def test_bf16_autocast_keeps_fp32_masters_and_close_loss(tokenizer):
 
 
 def test_sft_resume_gives_identical_final_weights(tmp_path, tiny_model_dir):
-    config = sft_config(tmp_path, tiny_model_dir)
-    reference = dict(config, output_dir=str(tmp_path / "uninterrupted"))
-    assert run_cli("sft", "--config", write_yaml(tmp_path / "ref.yaml", reference)) == 0
-    assert run_cli("sft", "--config", write_yaml(tmp_path / "run.yaml", config)) == 0
-    run = tmp_path / "run"
-    # Simulate a kill after step 3: everything written later disappears.
-    shutil.rmtree(run / "checkpoints" / "step-6")
-    shutil.rmtree(run / "model")
-    (run / "summary.json").unlink()
-    assert checkpoint_steps(run) == [3]
-    assert run_cli("sft", "--config", tmp_path / "run.yaml", "--resume") == 0
-    final = load_file(str(run / "checkpoints" / "step-6" / "model.safetensors"))
-    expected = load_file(str(tmp_path / "uninterrupted" / "checkpoints" / "step-6" / "model.safetensors"))
+    run, reference = resumed_after_kill(tmp_path, "sft", sft_config(tmp_path, tiny_model_dir), 3, 6,
+                                        ("model", "summary.json"))
+    final, expected = final_weights(run, 6), final_weights(reference, 6)
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], atol=1e-6, rtol=0)
     steps = [m["step"] for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]
-    assert losses(run) == pytest.approx(losses(tmp_path / "uninterrupted"), abs=1e-6)
+    assert losses(run) == pytest.approx(losses(reference), abs=1e-6)
 
 
 def test_without_resume_an_existing_run_is_refused(tmp_path, tiny_model_dir, capsys):

@@ -31,6 +31,8 @@ class ModelConfig(StrictModel):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = "sdpa"
     gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing.")
     trust_remote_code: bool = False
+    device_map: str | None = Field(None, description="Inference only (teacher, evaluate): e.g. 'auto' spreads a large "
+                                                      "model over the local GPUs (needs accelerate).")
 
 
 class SourceConfig(StrictModel):

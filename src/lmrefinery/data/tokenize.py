@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmrefinery.data.files import BadRecord
-from lmrefinery.data.formats import Conversation, Example, Message, PlainText
+from lmrefinery.data.formats import Example, Message, PlainText
 from lmrefinery.errors import UserError
 
 IGNORE_INDEX = -100

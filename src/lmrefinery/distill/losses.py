@@ -16,8 +16,6 @@ full-vocabulary log-sum-exp computed in vocabulary chunks. Loss per position: KL
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 TRANSFORMS = ("linear", "prob_temperature", "logit_temperature")
 
@@ -32,16 +30,35 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def chunked_logsumexp(logits: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
-    """logsumexp over the last dimension in fp32, one vocabulary chunk at a time; each chunk is recomputed in the
-    backward pass instead of keeping an fp32 copy of the logits."""
-    def chunk_lse(piece: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(_at_least_fp32(piece), dim=-1)
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """logsumexp over the last dimension, one vocabulary chunk at a time in ≥ fp32.
 
-    parts = [checkpoint(chunk_lse, logits[..., start: start + chunk_size], use_reentrant=False)
-             if logits.requires_grad else chunk_lse(logits[..., start: start + chunk_size])
-             for start in range(0, logits.shape[-1], chunk_size)]
-    return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+    The backward pass writes softmax(chunk) · grad straight into one gradient tensor of the input's dtype, so neither
+    direction ever holds an fp32 copy of the whole [..., vocabulary] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        parts = [torch.logsumexp(_at_least_fp32(logits[..., start: start + chunk_size]), dim=-1)
+                 for start in range(0, logits.shape[-1], chunk_size)]
+        lse = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+        ctx.save_for_backward(logits, lse)
+        ctx.chunk_size = chunk_size
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[-1], ctx.chunk_size):
+            piece = _at_least_fp32(logits[..., start: start + ctx.chunk_size])
+            grad[..., start: start + ctx.chunk_size] = torch.exp(piece - lse.unsqueeze(-1)) * grad_output.unsqueeze(-1)
+        return grad, None
+
+
+def chunked_logsumexp(logits: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
+    """logsumexp over the last dimension (at least fp32), computed and differentiated one vocabulary chunk at a time."""
+    return _ChunkedLogSumExp.apply(logits, chunk_size)
 
 
 def teacher_distribution(teacher_logprobs: torch.Tensor, *, transform: str = "linear", temperature: float = 1.0,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
@@ -48,10 +47,12 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu"):
     kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation is not None:
         kwargs["attn_implementation"] = config.attn_implementation
+    if config.device_map is not None:
+        kwargs["device_map"] = config.device_map
     model = _from_pretrained(AutoModelForCausalLM, location, "model", **kwargs)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    return model.to(device)
+    return model if config.device_map is not None else model.to(device)
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -10,14 +10,12 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from lmrefinery.config import ReweightConfig, SamplingConfig
 from lmrefinery.data.collate import collate, rank_micro_batches
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.errors import TrainingDiverged, UserError
-from lmrefinery.fileio import atomic_write_json
 from lmrefinery.lisa import LISA
 from lmrefinery.models import load_model
 from lmrefinery.recipes.common import accumulation_steps, load_data, source_counts, total_steps

@@ -28,7 +28,7 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
         "config": config.model_dump(mode="json"),
     })
     header = "step," + ",".join(names)
-    trajectory = [f"0," + ",".join(f"{w:.6f}" for w in start["weights"])]
+    trajectory = ["0," + ",".join(f"{w:.6f}" for w in start["weights"])]
     trajectory += [f"{m['step']}," + ",".join(f"{m['weights'][n]:.6f}" for n in names) for m in rows]
     atomic_write_text(output_dir / "weights.csv", header + "\n" + "\n".join(trajectory) + "\n")
 

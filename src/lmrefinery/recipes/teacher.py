@@ -37,7 +37,7 @@ def teacher_topk(model, batch, k: int, precision: str, stats: ConcentrationStats
     """Per example of the batch: (ids [P, k], logprobs [P, k], tail [P]) at its response positions."""
     with autocast(precision, batch.input_ids.device):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    response = batch.labels[:, 1:] != IGNORE_INDEX
+    response = (batch.labels[:, 1:] != IGNORE_INDEX).to(logits.device)  # logits may sit on another GPU (device_map)
     selected = logits[:, :-1][response]
     keep = max(k, 10)
     ids, logprobs, tails = [], [], []
@@ -67,6 +67,7 @@ def run(config: TeacherConfig, resume: bool = False) -> Path:
     tokenizer, pool, _ = load_data(config.model, config.data)
     model = load_model(config.model, env.device)
     model.eval()
+    input_device = model.device if config.model.device_map else env.device  # the first GPU under device_map
     vocab_size = model.get_output_embeddings().weight.shape[0]
     id_dtype = id_dtype_for(vocab_size)
     logprob_dtype = getattr(torch, config.logprob_dtype)
@@ -90,7 +91,7 @@ def run(config: TeacherConfig, resume: bool = False) -> Path:
         ids, logprobs, tails, counts = [], [], [], [0]
         for start in range(0, len(members), config.batch_size):
             chunk = members[start: start + config.batch_size]
-            batch = collate([pool.examples[i] for i in chunk], tokenizer.pad_token_id).to(env.device)
+            batch = collate([pool.examples[i] for i in chunk], tokenizer.pad_token_id).to(input_device)
             for example_ids, example_logprobs, example_tail in zip(*teacher_topk(model, batch, config.k,
                                                                                  config.model.precision, stats)):
                 ids.append(example_ids.to(id_dtype).cpu())
