@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("overrides", nargs="*", metavar="key=value",
                              help="dotted overrides applied on top of the file, e.g. train.lr=1e-4")
         if name == "evaluate":
-            command.add_argument("--task", choices=["loss", "mcq"], help="shorthand for task=...")
+            command.add_argument("--task", choices=["loss", "mcq", "exact_match"], help="shorthand for task=...")
         if name == "demo":
             command.add_argument("--preset", choices=["quick", "default"], help="shorthand for preset=...")
     return parser

@@ -241,12 +241,14 @@ class DistillConfig(StrictModel):
 
 class EvaluateConfig(StrictModel):
     output_dir: str
-    task: Literal["loss", "mcq"] = "loss"
+    task: Literal["loss", "mcq", "exact_match"] = "loss"
     seed: int = 0
     model: ModelConfig
-    data: DataConfig = Field(description="loss: the sources to score; mcq: the multiple-choice files.")
+    data: DataConfig = Field(description="loss: the sources to score; mcq: the multiple-choice files; exact_match: "
+                                         "conversations whose last turn is the reference answer.")
     batch_size: int = Field(8, ge=1)
     n_bins: int = Field(10, ge=2, description="mcq: calibration bins.")
+    max_new_tokens: int = Field(32, ge=1, description="exact_match: greedy decoding length.")
 
 
 class DemoConfig(StrictModel):

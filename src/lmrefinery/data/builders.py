@@ -43,7 +43,7 @@ def reasoning_gym_records(task: str, count: int, seed: int) -> list[dict]:
         records.append({
             "messages": [{"role": "user", "content": f"{item['question']}\n\n{ANSWER_INSTRUCTION}"},
                          {"role": "assistant", "content": str(item["answer"])}],
-            "task": task, "answer": str(item["answer"]), "index": index, "seed": seed,
+            "task": task, "answer": str(item["answer"]), "index": index, "seed": seed, "count": count,
         })
     return records
 

@@ -1,5 +1,5 @@
-"""`lmrefinery evaluate`: `--task loss` (token-mean loss and perplexity, overall and per source) or `--task mcq`
-(multiple-choice accuracy and calibration)."""
+"""`lmrefinery evaluate`: `--task loss` (token-mean loss and perplexity, overall and per source), `--task mcq`
+(multiple-choice accuracy and calibration) or `--task exact_match` (greedy answers scored against references)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lmrefinery.config import EvaluateConfig, dump_config
 from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, expected_calibration_error,
                                                maximum_calibration_error, negative_log_likelihood,
                                                reliability_diagram)
+from lmrefinery.evaluation.exact_match import generate_answers, load_prompts, score
 from lmrefinery.evaluation.loss import evaluate_loss
 from lmrefinery.evaluation.mcq import load_items, score_items
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
@@ -92,11 +93,37 @@ def _mcq(config: EvaluateConfig, env, output_dir: Path) -> dict:
             "per_source": per_source}
 
 
+def _exact_match(config: EvaluateConfig, env, output_dir: Path) -> dict:
+    tokenizer = load_tokenizer(config.model)
+    items_by_source = {s.name: load_prompts(s.path) for s in config.data.sources}
+    model = load_model(config.model, env.device)
+    rows, per_source = [], {}
+    for name, items in items_by_source.items():
+        answers = generate_answers(model, tokenizer, items, config.batch_size, config.max_new_tokens, env.device)
+        scores = [score(item, answer) for item, answer in zip(items, answers)]
+        per_source[name] = {"accuracy": sum(s == 1.0 for s in scores) / len(scores),
+                            "mean_score": sum(scores) / len(scores), "items": len(scores)}
+        rows += [{"source": name, "location": i["location"], "reference": i["reference"], "answer": a, "score": s}
+                 for i, a, s in zip(items, answers, scores)]
+    overall = {"accuracy": sum(r["score"] == 1.0 for r in rows) / len(rows),
+               "mean_score": sum(r["score"] for r in rows) / len(rows), "items": len(rows)}
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "items.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        print(json.dumps({"accuracy": overall["accuracy"],
+                          "per_source": {k: v["accuracy"] for k, v in per_source.items()}}, indent=2))
+    return {"task": "exact_match", "model": config.model.name_or_path, "sources": list(items_by_source),
+            "overall": overall, "per_source": per_source}
+
+
+TASKS = {"loss": lambda config, env, output_dir: _loss(config, env), "mcq": _mcq, "exact_match": _exact_match}
+
+
 def run(config: EvaluateConfig, resume: bool = False) -> Path:
     env = setup_distributed()
     seed_everything(config.seed, env.rank)
     output_dir = Path(config.output_dir)
-    report = _loss(config, env) if config.task == "loss" else _mcq(config, env, output_dir)
+    report = TASKS[config.task](config, env, output_dir)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output_dir / "eval.json", report)
