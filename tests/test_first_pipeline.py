@@ -48,12 +48,20 @@ def _overconfident_cache(tmp_path, model_dir, tokenizer, accuracy=0.6):
     return directory
 
 
+def test_calibrate_extends_a_grid_that_stops_too_early(tmp_path, tiny_model_dir, tokenizer):
+    cache = _overconfident_cache(tmp_path, tiny_model_dir, tokenizer)
+    config = write_yaml(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "cal"), "cache": str(cache),
+                                              "transform": "logit_temperature", "grid": [0.5, 1.0]})
+    assert run_cli("calibrate", "--config", config) == 0
+    result = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert result["temperature"] > 1.5 and result["ece_after"] < 0.1  # needs T > 1: the grid grew upward
+
+
 @pytest.mark.parametrize("transform", ["prob_temperature", "logit_temperature"])
 def test_calibrate_lowers_ece_of_an_overconfident_teacher(tmp_path, tiny_model_dir, tokenizer, transform):
     cache = _overconfident_cache(tmp_path, tiny_model_dir, tokenizer)
-    grid = [0.1 * i for i in range(1, 11)] if transform == "prob_temperature" else [0.5 * i for i in range(1, 13)]
     config = write_yaml(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "cal"), "cache": str(cache),
-                                              "transform": transform, "grid": grid})
+                                              "transform": transform})  # each transform's default grid
     assert run_cli("calibrate", "--config", config) == 0
     result = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert result["before"]["accuracy"] == pytest.approx(0.6, abs=0.08)

@@ -137,10 +137,12 @@ def _lisa_config(tmp_path, model_dir, **train):
     return config
 
 
-def test_sft_with_lisa_resumes_exactly(tmp_path, tiny_model_dir):
-    # killed at step 3: mid-period (interval 2), so the restored period must continue with the same blocks
-    run, reference = resumed_after_kill(tmp_path, "sft", _lisa_config(tmp_path, tiny_model_dir), 3, 6,
-                                        ("model", "summary.json"))
+@pytest.mark.parametrize("every", [3, 2], ids=["mid-period", "at-a-switch"])
+def test_sft_with_lisa_resumes_exactly(tmp_path, tiny_model_dir, every):
+    # every 3: killed mid-period (interval 2), the restored period continues with the same blocks; every 2: killed
+    # right after a switch, the new blocks must come back without optimizer state
+    run, reference = resumed_after_kill(tmp_path, "sft", _lisa_config(tmp_path, tiny_model_dir, checkpoint_every=every),
+                                        every, 6, ("model", "summary.json"))
     final, expected = final_weights(run, 6), final_weights(reference, 6)
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], atol=1e-6, rtol=0)

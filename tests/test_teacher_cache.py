@@ -87,24 +87,58 @@ def test_flipped_byte_is_detected(tmp_path, tiny_model_dir, capsys):
     assert "shard-00001.safetensors: checksum mismatch" in capsys.readouterr().err
 
 
-def test_vocabulary_mismatch_exits_2(tmp_path, tiny_model_dir, capsys):
-    directory = make_cache(tmp_path, tiny_model_dir)
-    other = save_tiny_model(tmp_path / "other", "llama")
-    config = json.loads((other / "config.json").read_text())
-    config["vocab_size"] = 400
-    (other / "config.json").write_text(json.dumps(config))
+def _student_with_vocabulary(directory, rows):
     from safetensors.torch import save_file
-    weights = load_file(str(other / "model.safetensors"))
+
+    save_tiny_model(directory, "llama")
+    config = json.loads((directory / "config.json").read_text())
+    config["vocab_size"] = rows
+    (directory / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(directory / "model.safetensors"))
     for name in list(weights):
         if weights[name].shape[0] == 320:
-            weights[name] = torch.cat([weights[name], torch.zeros(80, *weights[name].shape[1:])])
-    save_file(weights, str(other / "model.safetensors"))
-    distill = write_yaml(tmp_path / "d.yaml", {
-        "output_dir": str(tmp_path / "student"), "cache": str(directory),
-        "student": {"init": "model", "name_or_path": str(other)}, "train": {"steps": 1, "batch_size": 2}})
-    assert run_cli("distill", "--config", distill) == 2
-    assert "vocabulary size 320 in the cache, 400 in the student" in capsys.readouterr().err
+            extra = rows - 320
+            weights[name] = (torch.cat([weights[name], torch.zeros(extra, *weights[name].shape[1:])]) if extra > 0
+                             else weights[name][:rows].clone())
+    save_file(weights, str(directory / "model.safetensors"))
+    return directory
+
+
+def _distill_config(tmp_path, cache, student):
+    return write_yaml(tmp_path / "d.yaml", {
+        "output_dir": str(tmp_path / "student"), "cache": str(cache),
+        "student": {"init": "model", "name_or_path": str(student)}, "train": {"steps": 1, "batch_size": 2}})
+
+
+def test_student_vocabulary_smaller_than_the_cache_exits_2(tmp_path, tiny_model_dir, capsys):
+    cache = make_cache(tmp_path, tiny_model_dir)
+    small = _student_with_vocabulary(tmp_path / "small", 300)
+    assert run_cli("distill", "--config", _distill_config(tmp_path, cache, small)) == 2
+    assert "vocabulary (300 rows) is smaller than the cache needs (320" in capsys.readouterr().err
     assert not (tmp_path / "student").exists()
+    padded = _student_with_vocabulary(tmp_path / "padded", 384)  # padding rows, as some model families have
+    assert run_cli("distill", "--config", _distill_config(tmp_path, cache, padded)) == 0
+
+
+def test_student_with_another_tokenizer_exits_2(tmp_path, tiny_model_dir, capsys):
+    from tests.tiny import tiny_tokenizer
+
+    cache = make_cache(tmp_path, tiny_model_dir)
+    other = save_tiny_model(tmp_path / "other", "llama")
+    changed = tiny_tokenizer()
+    changed.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    changed.save_pretrained(other)
+    assert run_cli("distill", "--config", _distill_config(tmp_path, cache, other)) == 2
+    assert "different tokenizer" in capsys.readouterr().err
+
+
+def test_resume_recomputes_shards_made_with_other_settings(tmp_path, tiny_model_dir):
+    directory = make_cache(tmp_path, tiny_model_dir)  # k = 5
+    (directory / "manifest.json").unlink()
+    (directory / "shard-00003.json").unlink()
+    assert run_cli("teacher", "--config", teacher_config(tmp_path, tiny_model_dir), "k=3", "--resume") == 0
+    cache = TeacherCache(directory)
+    assert cache.k == 3 and all(cache.rows(i)[0].shape[1] == 3 for i in range(cache.manifest["examples"]))
 
 
 def test_cache_bytes_per_position(tmp_path, tiny_model_dir):

@@ -192,8 +192,10 @@ class CalibrateConfig(StrictModel):
     transform: Literal["prob_temperature", "logit_temperature"] = "prob_temperature"
     objective: Literal["ece", "nll"] = "ece"
     n_bins: int = Field(10, ge=2)
-    grid: list[float] = Field([round(0.1 * i, 1) for i in range(1, 11)], min_length=1,
-                              description="Coarse grid of temperatures.")
+    grid: list[float] | None = Field(
+        None, min_length=1, description="Coarse grid of temperatures; default 0.1 … 1.0 for prob_temperature, "
+                                        "0.25 … 3.0 for logit_temperature. Extended upward while the best is its "
+                                        "largest value.")
     fine_step: float = Field(0.02, gt=0, description="Then this step within ± one coarse step of the best.")
 
 

@@ -9,12 +9,15 @@ gradients at the same point (u_t, w_t, λ_t), then steps each variable:
     g_w      = ∇_w [ L1_Bv(w) + α · L2_B(w) ]
     g_λ      = α · J(p) · (ℓ̄(w) − ℓ̄(u)),   J = diag(p) − p pᵀ,   ℓ̄_i(x) = mean loss of source i in B under x
 
-g_λ is computed in closed form from per-source loss sums, which is exactly what autograd through the softmax gives
-and needs no graph. A source absent from the batch has no ℓ̄_i; its discrepancy is taken as the p-weighted mean of the
-present ones, which gives it exactly zero gradient and leaves each present source's component α·p_k·(Δ_k − mean).
+g_λ is computed in closed form from per-source loss sums — when every source is in the batch, exactly what autograd
+through the softmax gives — and needs no graph. A source absent from the batch has no ℓ̄_i: rather than the spec's
+Δ_i = 0 (which would move an absent source's logit by −α·p_i·Σ p_jΔ_j), its discrepancy is taken as the p-weighted
+mean of the present ones, so it gets exactly zero gradient (as the issue requires) and each present source's
+component is α·p_k·(Δ_k − that mean).
 
 Batches may be split into micro-batches (pass a list): counts and sums run over the whole global batch before any
-normalisation, so a step does not depend on the split. Under data parallelism pass `all_reduce` (sums a tensor over
+normalisation, so a step does not depend on the split. For the validation loss pass `val_weight_fn` (each
+micro-batch's size, e.g. its token count); without it every validation micro-batch weighs the same. Under data parallelism pass `all_reduce` (sums a tensor over
 processes) and `gradient_sum_factor` (the number of processes when the data-parallel wrapper averages gradients).
 """
 

@@ -106,7 +106,8 @@ class ConcentrationStats:
 
 
 def write_shard(directory: Path, index: int, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
-                offsets: torch.Tensor, first_example: int, stats: ConcentrationStats) -> dict:
+                offsets: torch.Tensor, first_example: int, stats: ConcentrationStats,
+                provenance: dict | None = None) -> dict:
     """Write shard `index` atomically (tensor file, then its metadata file, each via a temporary name)."""
     from safetensors.torch import save_file
 
@@ -120,21 +121,31 @@ def write_shard(directory: Path, index: int, ids: torch.Tensor, logprobs: torch.
     temporary.replace(final)
     meta = {"file": final.name, "index": index, "first_example": first_example,
             "num_examples": int(offsets.numel() - 1), "positions": int(ids.shape[0]), "sha256": file_sha256(final),
-            "stats": stats.to_json()}
+            "provenance": provenance or {}, "stats": stats.to_json()}
     atomic_write_json(directory / f"{name}.json", meta)
     return meta
 
 
+def shard_provenance(teacher: str, k: int, shard_size: int, logprob_dtype: str, examples) -> dict:
+    """What a shard must have been made with to be reused by a resumed teacher pass."""
+    return {"teacher": teacher, "k": k, "shard_size": shard_size, "logprob_dtype": logprob_dtype,
+            "examples_fingerprint": examples_fingerprint(examples)}
+
+
 def write_manifest(directory: Path, *, teacher: str, tokenizer, vocab_size: int, k: int, logprob_dtype: str,
-                   pool, data: dict, model: dict) -> dict:
+                   pool, data: dict, model: dict, provenance: dict | None = None) -> dict:
     """Collect the completed shards into manifest.json (after checking that every shard is there)."""
     from lmrefinery.fileio import atomic_write_json
 
-    shards = completed_shards(directory)
-    expected = {meta["first_example"] for meta in shards.values()}
-    covered = sum(meta["num_examples"] for meta in shards.values())
-    if covered != len(pool.examples) or len(expected) != len(shards):
-        raise RuntimeError(f"{directory}: shards cover {covered} of {len(pool.examples)} examples")
+    shards = completed_shards(directory, provenance)
+    position = 0
+    for index in sorted(shards):  # contiguous, in order, covering every example exactly once
+        if shards[index]["first_example"] != position:
+            raise RuntimeError(f"{directory}: shard {index} starts at example {shards[index]['first_example']}, "
+                               f"expected {position}")
+        position += shards[index]["num_examples"]
+    if position != len(pool.examples):
+        raise RuntimeError(f"{directory}: shards cover {position} of {len(pool.examples)} examples")
     merged = ConcentrationStats()
     for meta in shards.values():
         merged.merge(ConcentrationStats.from_json(meta["stats"]))
@@ -152,12 +163,15 @@ def write_manifest(directory: Path, *, teacher: str, tokenizer, vocab_size: int,
     return manifest
 
 
-def completed_shards(directory: Path) -> dict[int, dict]:
-    """Shards whose metadata exists and whose tensor file matches the recorded checksum."""
+def completed_shards(directory: Path, provenance: dict | None = None) -> dict[int, dict]:
+    """Shards whose metadata exists, whose tensor file matches the recorded checksum and — when `provenance` is
+    given — that were made by the same teacher, k, shard size and examples (others are recomputed on resume)."""
     done = {}
     for meta_path in sorted(directory.glob("shard-*.json")):
         meta = json.loads(meta_path.read_text())
         tensor_path = directory / meta["file"]
+        if provenance is not None and meta.get("provenance") != provenance:
+            continue
         if tensor_path.exists() and file_sha256(tensor_path) == meta["sha256"]:
             done[meta["index"]] = meta
     return done
@@ -194,17 +208,26 @@ class TeacherCache:
                 raise UserError(f"{path}: checksum mismatch (the shard is corrupt); delete it and its .json, then "
                                 f"rerun `lmrefinery teacher --resume` to recompute it")
 
-    def check_compatible(self, tokenizer, vocab_size: int, examples) -> None:
+    def check_compatible(self, tokenizer, examples) -> None:
+        """The tokenizer (the student's, when distilling) and the tokenised examples must be the cache's."""
         where = self.directory / MANIFEST
         if self.manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise UserError(f"{where}: the cache was made with a different tokenizer than {tokenizer.name_or_path!r} "
                             f"(fingerprints differ); teacher and student must share the tokenizer")
-        if int(self.manifest["vocab_size"]) != vocab_size:
-            raise UserError(f"{where}: vocabulary size {self.manifest['vocab_size']} in the cache, {vocab_size} in "
-                            f"the student; teacher and student must share the vocabulary")
         if self.manifest["examples_fingerprint"] != examples_fingerprint(examples):
             raise UserError(f"{where}: the training examples differ from those the cache was made from "
                             f"(data files, max_length, truncation or chat template changed)")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The student's output layer must cover every id the teacher could have cached. Sizes may differ by padding
+        rows (e.g. 152064 vs 151936 in one model family), so only a smaller vocabulary is an error."""
+        needed = max(int(self.manifest["tokenizer_size"]), 1 + self.max_cached_id())
+        if vocab_size < needed:
+            raise UserError(f"{self.directory / MANIFEST}: the student's vocabulary ({vocab_size} rows) is smaller "
+                            f"than the cache needs ({needed}: tokenizer size and largest cached id + 1)")
+
+    def max_cached_id(self) -> int:
+        return max(int(self._open(s["file"])[0].get_slice("ids")[:].to(torch.int64).max()) for s in self.shards)
 
     @lru_cache(maxsize=8)
     def _open(self, file: str):

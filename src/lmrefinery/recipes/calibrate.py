@@ -2,8 +2,9 @@
 
 On a held-out cache, each response position is one prediction: the teacher's top-1 token, correct iff it is the true
 next token. Its confidence under a temperature c is P_T(1) from the chosen transform over the k cached buckets. A grid
-search (0.1 … 1.0, then steps of 0.02 within ± 0.1 of the best) minimises ECE (or NLL over k + 1 buckets, the tail as
-the last). Writes calibration.json and reliability diagrams before (raw full-vocabulary top-1 probability) and after.
+search (0.1 … 1.0 for the probability temperature, 0.25 … 3.0 for the logit temperature, extended upward while the
+best is on the upper edge; then steps of 0.02 within ± one grid step of the best) minimises ECE (or NLL over k + 1
+buckets, the tail as the last). Writes calibration.json and reliability diagrams before (raw full-vocabulary top-1 probability) and after.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.recipes.common import load_cache_with_data
 
 log = logging.getLogger(__name__)
+DEFAULT_GRIDS = {"prob_temperature": [round(0.1 * i, 1) for i in range(1, 11)],
+                 "logit_temperature": [0.25 * i for i in range(1, 13)]}
+MAX_EXTENSIONS = 4
 
 
 def gather_predictions(cache, pool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,9 +73,16 @@ def run(config: CalibrateConfig, resume: bool = False) -> Path:
     def evaluate(c: float) -> dict:
         return score(logprobs, tails, targets, config.transform, round(c, 4), config.n_bins)
 
-    curve = {round(c, 4): evaluate(c) for c in config.grid}
+    grid = sorted(config.grid or DEFAULT_GRIDS[config.transform])
+    coarse_step = float(min(np.diff(grid))) if len(grid) > 1 else 0.1
+    curve = {round(c, 4): evaluate(c) for c in grid}
     best = min(curve.values(), key=lambda r: r[objective])["temperature"]
-    coarse_step = min(np.diff(sorted(config.grid))) if len(config.grid) > 1 else 0.1
+    for _ in range(MAX_EXTENSIONS):  # a best value on the upper edge means the grid stopped too early
+        if best < max(curve) - 1e-9:
+            break
+        top = max(curve)
+        curve.update({round(c, 4): evaluate(c) for c in np.arange(top + coarse_step, 2 * top + 1e-9, coarse_step)})
+        best = min(curve.values(), key=lambda r: r[objective])["temperature"]
     for c in np.arange(best - coarse_step, best + coarse_step + 1e-9, config.fine_step):
         if c > 1e-3 and round(float(c), 4) not in curve:
             curve[round(float(c), 4)] = evaluate(float(c))

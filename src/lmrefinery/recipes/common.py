@@ -21,8 +21,8 @@ def load_data(model: ModelConfig, data: DataConfig, extra: dict[str, list[Source
 
 
 def load_cache_with_data(cache_dir: str, tokenizer_model: ModelConfig | None = None):
-    """A teacher cache, the tokenizer and the very examples it was computed on (re-tokenised from the data config
-    recorded in its manifest, and checked against the manifest's fingerprints)."""
+    """A teacher cache, a tokenizer (the teacher's, or `tokenizer_model`'s — a student's) and the very examples the
+    cache was computed on (re-tokenised from the data config in its manifest, checked against its fingerprints)."""
     from lmrefinery.config import validate_config
     from lmrefinery.distill.cache import MANIFEST, TeacherCache
 
@@ -30,7 +30,7 @@ def load_cache_with_data(cache_dir: str, tokenizer_model: ModelConfig | None = N
     data = validate_config(DataConfig, cache.manifest["data"], f"{cache_dir}/{MANIFEST} data")
     model = tokenizer_model or validate_config(ModelConfig, cache.manifest["model"], f"{cache_dir}/{MANIFEST} model")
     tokenizer, pool, _ = load_data(model, data)
-    cache.check_compatible(tokenizer, int(cache.manifest["vocab_size"]), pool.examples)
+    cache.check_compatible(tokenizer, pool.examples)
     return cache, tokenizer, pool, data
 
 

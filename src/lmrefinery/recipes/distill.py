@@ -121,7 +121,10 @@ def run(config: DistillConfig, resume: bool = False) -> Path:
     env = setup_distributed()
     output_dir = check_output_dir(config.output_dir, resume)
     seed_everything(config.seed, env.rank)
-    cache, tokenizer, pool, data = load_cache_with_data(config.cache)
+    student_tokenizer = None
+    if config.student.init == "model":  # its own tokenizer must be the teacher's (checked by fingerprint)
+        student_tokenizer = ModelConfig(name_or_path=config.student.name_or_path)
+    cache, tokenizer, pool, data = load_cache_with_data(config.cache, student_tokenizer)
     validation_pool = None
     if config.validation is not None:  # tokenised exactly like the training data
         validation_pool = load_pool(config.validation.sources, ChatEncoder(tokenizer, data.system_prompt), data)
@@ -131,8 +134,7 @@ def run(config: DistillConfig, resume: bool = False) -> Path:
     sampler = MixtureSampler.build(config.sampling, pool.names, pool.source_indices(), config.train.batch_size,
                                    config.seed)
     model, student_config = build_student(config, cache.manifest, env.device)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    cache.check_compatible(tokenizer, vocab, pool.examples)
+    cache.check_vocabulary(model.get_output_embeddings().weight.shape[0])
     if config.loss.mode == "online":
         teacher = load_model(_teacher_model_config(cache.manifest, student_config), env.device).eval()
         loss_fn = online_loss_fn(teacher, config.loss.online_temperature, config.student.precision)

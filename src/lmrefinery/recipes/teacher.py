@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from lmrefinery.config import TeacherConfig
 from lmrefinery.data.collate import collate
 from lmrefinery.data.tokenize import IGNORE_INDEX
-from lmrefinery.distill.cache import (MANIFEST, ConcentrationStats, completed_shards, id_dtype_for, write_manifest,
-                                      write_shard)
+from lmrefinery.distill.cache import (MANIFEST, ConcentrationStats, completed_shards, id_dtype_for,
+                                      shard_provenance, write_manifest, write_shard)
 from lmrefinery.distill.losses import log1mexp
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import remove_temporaries
@@ -78,7 +78,9 @@ def run(config: TeacherConfig, resume: bool = False) -> Path:
     barrier(env)
     total = len(pool.examples)
     shard_count = -(-total // config.shard_size)
-    done = completed_shards(output_dir) if resume else {}
+    provenance = shard_provenance(config.model.name_or_path, config.k, config.shard_size, config.logprob_dtype,
+                                  pool.examples)
+    done = completed_shards(output_dir, provenance) if resume else {}
     mine = [i for i in range(shard_count) if i % env.world_size == env.rank and i not in done]
     if done:
         log.info("resuming: %d of %d shards already complete", len(done), shard_count)
@@ -100,13 +102,14 @@ def run(config: TeacherConfig, resume: bool = False) -> Path:
                 counts.append(counts[-1] + example_ids.shape[0])
             progress.update(len(chunk))
         write_shard(output_dir, index, torch.cat(ids), torch.cat(logprobs), torch.cat(tails),
-                    torch.tensor(counts, dtype=torch.int64), first, stats)
+                    torch.tensor(counts, dtype=torch.int64), first, stats, provenance)
     progress.close()
     barrier(env)
     if env.is_main:
         manifest = write_manifest(output_dir, teacher=config.model.name_or_path, tokenizer=tokenizer,
                                   vocab_size=vocab_size, k=config.k, logprob_dtype=config.logprob_dtype, pool=pool,
-                                  data=config.data.model_dump(mode="json"), model=config.model.model_dump(mode="json"))
+                                  data=config.data.model_dump(mode="json"), model=config.model.model_dump(mode="json"),
+                                  provenance=provenance)
         lines = [f"  top-{k}: mean {v['mean']:.3f}, median {v['median']:.3f}, 5th percentile {v['p5']:.3f}"
                  for k, v in manifest["concentrated_knowledge"].items()]
         log.info("cumulative teacher probability in the top-k tokens (response positions):\n%s", "\n".join(lines))

@@ -111,6 +111,15 @@ def save_checkpoint(run_dir: Path, step: int, env: DistEnv, modules: dict[str, n
     return final
 
 
+def _drop_state_not_in(module: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Loading initialises state (a zero-gradient step: step = 1, zero moments) for every trainable parameter; a
+    parameter that had no state when saved (a block LISA had just activated) must come back with none."""
+    saved_names = set(saved.get("state", {}))
+    for name, parameter in module.named_parameters():
+        if name not in saved_names:
+            optimizer.state.pop(parameter, None)
+
+
 def read_checkpoint_state(directory: Path) -> dict:
     """The JSON state of a checkpoint (step, scheduler, data position, LISA, ...).
 
@@ -130,6 +139,7 @@ def load_checkpoint(directory: Path, env: DistEnv, modules: dict[str, nn.Module]
     for name, (module, optimizer) in optimizers.items():
         optimizer_state = torch.load(directory / f"{name}-optimizer.pt", map_location="cpu", weights_only=False)
         set_optimizer_state_dict(module, optimizer, optimizer_state, options=SCATTER_OPTIMIZER)
+        _drop_state_not_in(module, optimizer, optimizer_state)
     state = read_checkpoint_state(directory)
     if (directory / "objects.pt").exists():
         state["objects"] = torch.load(directory / "objects.pt", map_location="cpu", weights_only=False)

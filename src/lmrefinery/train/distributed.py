@@ -44,7 +44,9 @@ def setup_distributed() -> DistEnv:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        # A rank may wait at a barrier while others finish uneven work (e.g. teacher shards after a resume).
+        minutes = float(os.environ.get("LMREFINERY_DIST_TIMEOUT_MIN", "120"))
+        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
     return DistEnv(rank, world_size, local_rank, device)
 
 
