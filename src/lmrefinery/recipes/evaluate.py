@@ -7,8 +7,6 @@ import json
 import logging
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from lmrefinery.config import EvaluateConfig, dump_config
 from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, expected_calibration_error,
                                                maximum_calibration_error, negative_log_likelihood,
@@ -20,7 +18,7 @@ from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.models import load_model, load_tokenizer
 from lmrefinery.recipes.common import load_data
 from lmrefinery.train.checkpoint import seed_everything
-from lmrefinery.train.distributed import setup_distributed, shard_model
+from lmrefinery.train.distributed import progress_bar, setup_distributed, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +27,7 @@ def _loss(config: EvaluateConfig, env) -> dict:
     tokenizer, pool, _ = load_data(config.model, config.data)
     model = shard_model(load_model(config.model, env.device), env)
     batches = -(-len(pool.examples) // (config.batch_size * env.world_size))
-    progress = tqdm(total=batches, desc="evaluate", disable=not env.is_main, dynamic_ncols=True)
+    progress = progress_bar(env, batches, "evaluate")
     result = evaluate_loss(model, pool, env, config.batch_size, config.model.precision, tokenizer.pad_token_id,
                            progress)
     progress.close()

@@ -10,8 +10,6 @@ import logging
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from lmrefinery.config import ReweightConfig, SamplingConfig
 from lmrefinery.data.collate import collate, rank_micro_batches
 from lmrefinery.data.sampling import MixtureSampler
@@ -23,7 +21,7 @@ from lmrefinery.recipes.reweight_report import write_outputs
 from lmrefinery.scalebio import ScaleBiO
 from lmrefinery.train.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_state,
                                         save_checkpoint, seed_everything)
-from lmrefinery.train.distributed import all_reduce_sum, setup_distributed, shard_model
+from lmrefinery.train.distributed import all_reduce_sum, progress_bar, setup_distributed, shard_model
 from lmrefinery.train.losses import example_loss_sums
 from lmrefinery.train.precision import peak_memory_bytes
 from lmrefinery.train.run_dir import MetricsLog, check_output_dir, start_run
@@ -113,7 +111,7 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
                         train.keep_last, objects={"scalebio": core.state_dict(include_models=False)})
 
     short = [name[:10] for name in pool.names]
-    progress = tqdm(total=steps, initial=start_step, desc="reweight", disable=not env.is_main, dynamic_ncols=True)
+    progress = progress_bar(env, steps, "reweight", start_step)
     for step in range(start_step, steps):
         train_indices, train_batches = micro_batches(train_sampler, pool)
         _, val_batches = micro_batches(val_sampler, validation)

@@ -12,8 +12,6 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from lmrefinery.config import TeacherConfig
 from lmrefinery.data.collate import collate
 from lmrefinery.data.tokenize import IGNORE_INDEX
@@ -25,7 +23,7 @@ from lmrefinery.fileio import remove_temporaries
 from lmrefinery.models import load_model
 from lmrefinery.recipes.common import load_data
 from lmrefinery.train.checkpoint import seed_everything
-from lmrefinery.train.distributed import barrier, setup_distributed
+from lmrefinery.train.distributed import barrier, progress_bar, setup_distributed
 from lmrefinery.train.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -84,8 +82,7 @@ def run(config: TeacherConfig, resume: bool = False) -> Path:
     mine = [i for i in range(shard_count) if i % env.world_size == env.rank and i not in done]
     if done:
         log.info("resuming: %d of %d shards already complete", len(done), shard_count)
-    progress = tqdm(total=sum(min(config.shard_size, total - i * config.shard_size) for i in mine), desc="teacher",
-                    disable=not env.is_main, dynamic_ncols=True)
+    progress = progress_bar(env, sum(min(config.shard_size, total - i * config.shard_size) for i in mine), "teacher")
     for index in mine:
         first = index * config.shard_size
         members = list(range(first, min(first + config.shard_size, total)))

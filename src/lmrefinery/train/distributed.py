@@ -74,6 +74,17 @@ def broadcast_object(obj, env: DistEnv):
     return holder[0]
 
 
+def progress_bar(env: DistEnv, total: int, desc: str, initial: int = 0):
+    """A tqdm bar on rank 0. Written to a log file rather than a terminal, it updates at most every 30 s."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not env.is_main, dynamic_ncols=True,
+                mininterval=0.1 if interactive else 30.0)
+
+
 def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
     """FSDP2: each decoder block is one shard unit (so LISA can freeze blocks), the rest goes with the root."""
     if not env.distributed:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
-from tqdm.auto import tqdm
 
 from lmrefinery.config import LISAConfig, TrainConfig, ValidationConfig
 from lmrefinery.data.collate import collate, rank_micro_batches
@@ -21,7 +20,7 @@ from lmrefinery.lisa import LISA
 from lmrefinery.recipes.common import source_counts
 from lmrefinery.train.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_state,
                                         save_checkpoint)
-from lmrefinery.train.distributed import DistEnv
+from lmrefinery.train.distributed import DistEnv, progress_bar
 from lmrefinery.train.losses import LossSumsFn, example_loss_sums, optimizer_step
 from lmrefinery.train.optim import build_adamw, build_scheduler
 from lmrefinery.train.precision import peak_memory_bytes
@@ -93,8 +92,7 @@ def train(setup: TrainingSetup, resume: bool) -> float | None:
                       val_per_source={k: v["loss"] for k, v in result["per_source"].items()})
         log.info("step %d validation loss %.4f", step, result["overall"]["loss"])
 
-    progress = tqdm(total=setup.steps, initial=start_step, desc=setup.name, disable=not env.is_main,
-                    dynamic_ncols=True)
+    progress = progress_bar(env, setup.steps, setup.name, start_step)
     last_loss = None
     for step in range(start_step, setup.steps):
         global_batch = setup.sampler.next_batch()
