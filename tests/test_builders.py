@@ -49,12 +49,19 @@ def test_mcq_distractors_never_equal_the_gold_answer(task):
     letters = "ABCD"
     for item in items:
         gold = item["options"][letters.index(item["answer"])]
-        assert score_answer(task, 1, max(90, 46), item["index"], gold) == 1.0
+        assert score_answer(task, 1, item["count"], item["index"], gold) == 1.0
         assert sorted(set(item["options"])) == sorted(item["options"]) and len(item["options"]) == 4
         # never the gold answer (reasoning-gym gives partial credit to near strings, e.g. 0.5 for "30" vs "3")
-        assert all(score_answer(task, 1, max(90, 46), item["index"], option) < 1.0
+        assert all(score_answer(task, 1, item["count"], item["index"], option) < 1.0
                    for option in item["options"] if option != gold)
         conversation = mcq_conversation(item)
         assert conversation["messages"][0]["content"] == parse_item(item, "x").prompt
         assert conversation["messages"][1]["content"] == item["answer"]
     assert len({item["answer"] for item in items}) > 1  # the gold letter moves around
+
+
+def test_generator_settings_are_kept_for_scoring():
+    records = reasoning_gym_records("basic_arithmetic", 5, seed=0, min_terms=2, max_terms=2, max_digits=1)
+    assert all(r["config"] == {"min_terms": 2, "max_terms": 2, "max_digits": 1} for r in records)
+    for record in records:
+        assert score_answer("basic_arithmetic", 0, 5, record["index"], record["answer"], record["config"]) == 1.0

@@ -257,6 +257,8 @@ class DemoConfig(StrictModel):
     output_dir: str = "demo-out"
     preset: Literal["quick", "default"] = "default"
     seed: int = 0
+    model: str = Field("smollm2-135m-instruct", description="The model both stories start from.")
+    max_length: int | None = Field(None, ge=32, description="Token limit per example; default: the preset's.")
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -30,11 +30,12 @@ def _reasoning_gym():
     return reasoning_gym
 
 
-def reasoning_gym_records(task: str, count: int, seed: int) -> list[dict]:
-    """`count` chat records of one reasoning-gym task; `metadata` keeps what its scorer needs."""
+def reasoning_gym_records(task: str, count: int, seed: int, **task_config) -> list[dict]:
+    """`count` chat records of one reasoning-gym task (with optional generator settings such as `max_digits=1`);
+    each record keeps what the scorer needs to rebuild the item (task, seed, count, index, config)."""
     rg = _reasoning_gym()
     try:
-        dataset = rg.create_dataset(task, size=count, seed=seed)
+        dataset = rg.create_dataset(task, size=count, seed=seed, **task_config)
     except Exception as exc:  # reasoning-gym raises plain errors for unknown names or bad sizes
         raise UserError(f"reasoning-gym task '{task}': cannot generate ({exc})") from None
     records = []
@@ -44,13 +45,15 @@ def reasoning_gym_records(task: str, count: int, seed: int) -> list[dict]:
             "messages": [{"role": "user", "content": f"{item['question']}\n\n{ANSWER_INSTRUCTION}"},
                          {"role": "assistant", "content": str(item["answer"])}],
             "task": task, "answer": str(item["answer"]), "index": index, "seed": seed, "count": count,
+            "config": dict(task_config),
         })
     return records
 
 
-def score_answer(task: str, seed: int, count: int, index: int, answer: str) -> float:
-    """reasoning-gym's own score (1.0 = correct) of `answer` for item `index` of the dataset built with seed/count."""
-    dataset = _reasoning_gym().create_dataset(task, size=count, seed=seed)
+def score_answer(task: str, seed: int, count: int, index: int, answer: str, config: dict | None = None) -> float:
+    """reasoning-gym's own score (1.0 = correct) of `answer` for item `index` of the dataset built with these
+    settings."""
+    dataset = _reasoning_gym().create_dataset(task, size=count, seed=seed, **(config or {}))
     return float(dataset.score_answer(answer, dataset[index]))
 
 
@@ -110,11 +113,11 @@ def kjv_records(count: int, seed: int, words: int = 48) -> list[dict]:
     return records
 
 
-def mcq_items(task: str, count: int, seed: int, options: int = 4) -> list[dict]:
+def mcq_items(task: str, count: int, seed: int, options: int = 4, **task_config) -> list[dict]:
     """Multiple-choice items: each item's gold answer and options − 1 distinct distractors taken from the answers of
     other items of the same family (never equal to the gold answer), the gold placed at a seeded random letter."""
     pool_size = max(count * 3, count + 4 * options)
-    records = reasoning_gym_records(task, pool_size, seed)
+    records = reasoning_gym_records(task, pool_size, seed, **task_config)
     answers = sorted({r["answer"] for r in records})
     if len(answers) < options:
         raise UserError(f"reasoning-gym task '{task}': only {len(answers)} distinct answers, {options} options needed")
@@ -127,7 +130,7 @@ def mcq_items(task: str, count: int, seed: int, options: int = 4) -> list[dict]:
         choices = distractors[:position] + [gold] + distractors[position:]
         question = record["messages"][0]["content"].removesuffix(f"\n\n{ANSWER_INSTRUCTION}")
         items.append({"question": question, "options": choices, "answer": "ABCDEFGHIJ"[position], "task": task,
-                      "index": record["index"], "seed": seed})
+                      "index": record["index"], "seed": seed, "count": pool_size, "config": dict(task_config)})
     return items
 
 

@@ -29,23 +29,28 @@ def load_prompts(path: str) -> list[dict]:
         items.append({"location": record.location,
                       "messages": [{"role": m.role, "content": m.content} for m in example.messages[:-1]],
                       "reference": example.messages[-1].content,
-                      "metadata": {k: record.fields.get(k) for k in ("task", "seed", "count", "index")}})
+                      "metadata": {k: record.fields.get(k) for k in ("task", "seed", "count", "index", "config")}})
     if not items:
         raise UserError(f"{path}: no records")
     return items
 
 
 @lru_cache(maxsize=32)
-def _reasoning_gym_dataset(task: str, seed: int, count: int):
+def _reasoning_gym_dataset(task: str, seed: int, count: int, config_json: str):
+    import json
+
     import reasoning_gym
 
-    return reasoning_gym.create_dataset(task, size=count, seed=seed)
+    return reasoning_gym.create_dataset(task, size=count, seed=seed, **json.loads(config_json))
 
 
 def score(item: dict, answer: str) -> float:
+    import json
+
     meta = item["metadata"]
     if all(meta.get(k) is not None for k in ("task", "seed", "count", "index")):
-        dataset = _reasoning_gym_dataset(meta["task"], int(meta["seed"]), int(meta["count"]))
+        dataset = _reasoning_gym_dataset(meta["task"], int(meta["seed"]), int(meta["count"]),
+                                         json.dumps(meta.get("config") or {}, sort_keys=True))
         return float(dataset.score_answer(answer, dataset[int(meta["index"])]))
     return float(answer.strip() == item["reference"].strip())
 

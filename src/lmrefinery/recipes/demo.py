@@ -1,97 +1,169 @@
-"""`lmrefinery demo`: fine-tuning on a real small LLM with real task data, on a laptop CPU.
+"""`lmrefinery demo`: both papers' stories on a real small LLM and real task data, on a laptop CPU.
 
-Stages (each skipped when its output is complete, resumed when it was interrupted):
-  data      reasoning-gym task families → one JSONL source each, plus a held-out test of each family
-  baseline  evaluate the untouched model's loss on the test sets
-  sft       fine-tune on the pooled sources (uniform over sources)
-  evaluate  the fine-tuned model on the same test sets
-The printed table compares held-out loss before and after; every stage's own command is printed for reuse.
+ScaleBiO   data → reweight (learn source weights against a validation set of the target family) → mix (an SFT set
+           with the learned weights, and one with uniform weights, same size) → sft on each → evaluate both on the
+           target's test split (loss, and exact-match accuracy scored by reasoning-gym).
+FIRST      sft a teacher on multiple-choice items → teacher cache (train and held-out items) → calibrate →
+           distill a keep-layers student from the re-calibrated cache, and sft the same student init as the
+           baseline → evaluate teacher and both students (accuracy, ECE, reliability diagrams).
+Each stage is skipped when its output is complete and resumed when it was interrupted; the report (report.md,
+report.html, summary.json) states what was measured, including when the learned mix does not win.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
-from lmrefinery.config import DemoConfig, EvaluateConfig, SFTConfig, validate_config
-from lmrefinery.data.builders import reasoning_gym_records, write_jsonl
-from lmrefinery.fileio import atomic_write_json
-from lmrefinery.recipes import evaluate as evaluate_recipe
-from lmrefinery.recipes import sft as sft_recipe
+from lmrefinery.config import (CalibrateConfig, DemoConfig, DistillConfig, EvaluateConfig, MixConfig,
+                               ReweightConfig, SFTConfig, TeacherConfig, validate_config)
+from lmrefinery.recipes import calibrate, distill, evaluate, mix, reweight, sft, teacher
+from lmrefinery.recipes import demo_data
+from lmrefinery.recipes.demo_report import write_report
 
 log = logging.getLogger(__name__)
 
-MODEL = "smollm2-135m-instruct"
-TASKS = ("basic_arithmetic", "chain_sum", "leg_counting")
 PRESETS = {
-    # examples per training source, per test source, optimizer steps, global batch, micro-batch, max tokens
-    "quick": {"train": 24, "test": 8, "steps": 4, "batch": 8, "micro": 4, "max_length": 192},
-    "default": {"train": 64, "test": 16, "steps": 12, "batch": 8, "micro": 4, "max_length": 256},
+    "quick": {"per_source": 16, "validation": 8, "test": 8, "max_length": 160, "reweight_steps": 5,
+              "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.2, "mix_examples": 24, "sft_steps": 3,
+              "mcq_train": 16, "mcq_heldout": 8, "mcq_test": 8, "teacher_steps": 3, "distill_steps": 3,
+              "keep_every": 3},
+    "default": {"per_source": 32, "validation": 16, "test": 24, "max_length": 192, "reweight_steps": 12,
+                "reweight_batch": 8, "val_batch": 8, "lr_weights": 0.1, "mix_examples": 64, "sft_steps": 8,
+                "mcq_train": 48, "mcq_heldout": 24, "mcq_test": 24, "teacher_steps": 8, "distill_steps": 8,
+                "keep_every": 3},
 }
 
 
-def _build_data(data_dir: Path, preset: dict, seed: int) -> dict[str, dict[str, Path]]:
-    paths = {"train": {}, "test": {}}
-    for offset, task in enumerate(TASKS):
-        train_path, test_path = data_dir / f"{task}.train.jsonl", data_dir / f"{task}.test.jsonl"
-        if not (train_path.exists() and test_path.exists()):
-            records = reasoning_gym_records(task, preset["train"] + preset["test"], seed + 101 * offset)
-            write_jsonl(train_path, records[: preset["train"]])
-            write_jsonl(test_path, records[preset["train"]:])
-        paths["train"][task], paths["test"][task] = train_path, test_path
-    return paths
+def _run(recipe, config_class, tree: dict, done: Path, resume_from: Path | None = None) -> None:
+    """Run one stage unless `done` exists; resume it when an interrupted run left checkpoints."""
+    if done.exists():
+        log.info("stage %s: already complete", tree["output_dir"])
+        return
+    resume = resume_from is not None and (resume_from / "checkpoints").exists()
+    recipe.run(validate_config(config_class, tree), resume=resume)
+    if resume_from is not None:  # finished: its checkpoints only served resuming (they hold GBs of optimizer state)
+        shutil.rmtree(resume_from / "checkpoints", ignore_errors=True)
 
 
-def _sources(paths: dict[str, Path]) -> list[dict]:
-    return [{"name": task, "path": str(path)} for task, path in paths.items()]
+def _sources(paths: dict) -> list[dict]:
+    return [{"name": name, "path": str(path)} for name, path in paths.items()]
 
 
-def _evaluate(model: str, paths: dict[str, Path], output_dir: Path, preset: dict) -> dict:
-    result_file = output_dir / "eval.json"
-    if not result_file.exists():
-        config = validate_config(EvaluateConfig, {
-            "output_dir": str(output_dir), "model": {"name_or_path": model},
-            "data": {"sources": _sources(paths), "max_length": preset["max_length"]}, "batch_size": 8})
-        evaluate_recipe.run(config)
-    return json.loads(result_file.read_text())
+def scalebio_story(out: Path, paths: dict, preset: dict, model: str, seed: int) -> dict:
+    data = {"sources": _sources(paths["sources"]), "max_length": preset["max_length"]}
+    run = out / "reweight"
+    _run(reweight, ReweightConfig, {
+        "output_dir": str(run), "seed": seed, "model": {"name_or_path": model}, "data": data,
+        "validation": {"sources": [{"name": "target", "path": str(paths["validation"])}]},
+        # α = 10 and a larger step for u and w than the paper's 1e-5: in a handful of steps the two copies must
+        # drift apart enough for their per-source losses to tell the sources apart.
+        "scalebio": {"alpha": 10, "lr_lower": 5e-5, "lr_upper": 5e-5, "lr_weights": preset["lr_weights"]},
+        "train": {"steps": preset["reweight_steps"], "batch_size": preset["reweight_batch"],
+                  "val_batch_size": preset["val_batch"], "micro_batch_size": 4, "warmup_ratio": 0.0,
+                  "schedule": "constant", "checkpoint_every": max(1, preset["reweight_steps"] // 2)},
+        "lisa": {"enabled": True, "layers": 2, "interval": 2}}, run / "weights.json", run)
+    learned = json.loads((run / "weights.json").read_text())["weights"]
+    uniform = {name: 1.0 for name in learned}
+    results = {"weights": learned}
+    for label, weights in (("learned", learned), ("uniform", uniform)):
+        mix_dir = out / f"mix-{label}"
+        _run(mix, MixConfig, {"output_dir": str(mix_dir), "sources": data["sources"], "weights": weights,
+                              "num_examples": preset["mix_examples"], "seed": seed}, mix_dir / "manifest.json")
+        sft_dir = out / f"sft-{label}"
+        _run(sft, SFTConfig, {
+            "output_dir": str(sft_dir), "seed": seed, "model": {"name_or_path": model},
+            "data": {"sources": [{"name": "mix", "path": str(mix_dir / "mix.jsonl")}],
+                     "max_length": preset["max_length"]},
+            "train": {"steps": preset["sft_steps"], "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
+                      "warmup_steps": 0, "checkpoint_every": preset["sft_steps"]}}, sft_dir / "summary.json", sft_dir)
+        results[label] = _evaluate_target(out / f"eval-{label}", sft_dir / "model", paths, preset)
+    results["base"] = _evaluate_target(out / "eval-base", model, paths, preset)
+    return results
+
+
+def _evaluate_target(directory: Path, model, paths: dict, preset: dict) -> dict:
+    test = {"sources": [{"name": "target_test", "path": str(paths["test"])}], "max_length": preset["max_length"]}
+    common = {"model": {"name_or_path": str(model)}, "data": test, "batch_size": 8}
+    _run(evaluate, EvaluateConfig, {"output_dir": str(directory / "loss"), "task": "loss", **common},
+         directory / "loss" / "eval.json")
+    _run(evaluate, EvaluateConfig, {"output_dir": str(directory / "exact"), "task": "exact_match",
+                                    "max_new_tokens": 12, **common}, directory / "exact" / "eval.json")
+    loss = json.loads((directory / "loss" / "eval.json").read_text())["overall"]["loss"]
+    exact = json.loads((directory / "exact" / "eval.json").read_text())["overall"]
+    return {"test_loss": loss, "exact_match": exact["accuracy"], "mean_score": exact["mean_score"]}
+
+
+def first_story(out: Path, paths: dict, preset: dict, model: str, seed: int) -> dict:
+    mcq = paths["mcq"]
+    length = preset["max_length"] + 96  # multiple-choice prompts are longer
+    train_data = {"sources": [{"name": "mcq", "path": str(mcq["train_conversations"])}], "max_length": length}
+    teacher_dir = out / "teacher-sft"
+    _run(sft, SFTConfig, {
+        "output_dir": str(teacher_dir), "seed": seed, "model": {"name_or_path": model}, "data": train_data,
+        "train": {"steps": preset["teacher_steps"], "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
+                  "warmup_steps": 0, "checkpoint_every": preset["teacher_steps"]}},
+        teacher_dir / "summary.json", teacher_dir)
+    teacher_model = {"name_or_path": str(teacher_dir / "model")}
+    for name, source in (("cache", train_data), ("cache-heldout", {
+            "sources": [{"name": "heldout", "path": str(mcq["heldout_conversations"])}], "max_length": length})):
+        _run(teacher, TeacherConfig, {"output_dir": str(out / name), "model": teacher_model, "data": source,
+                                      "k": 5}, out / name / "manifest.json")
+    _run(calibrate, CalibrateConfig, {"output_dir": str(out / "calibrate"), "cache": str(out / "cache-heldout")},
+         out / "calibrate" / "calibration.json")
+    common_train = {"steps": preset["distill_steps"], "batch_size": 8, "micro_batch_size": 4, "lr": 2e-4,
+                    "warmup_steps": 0, "checkpoint_every": preset["distill_steps"]}
+    student = {"init": "keep-layers", "keep_every": preset["keep_every"]}
+    first_dir = out / "student-first"
+    _run(distill, DistillConfig, {
+        "output_dir": str(first_dir), "seed": seed, "cache": str(out / "cache"), "student": student,
+        "loss": {"teacher_transform": "prob_temperature",
+                 "calibration": str(out / "calibrate" / "calibration.json")},
+        "train": common_train}, first_dir / "summary.json", first_dir)
+    # The fine-tuning baseline: the same student init trained on the gold answers (linear transform at c = 1 on a
+    # one-hot target is exactly cross-entropy, so use sft on a saved copy of the init).
+    init_dir = out / "student-init"
+    if not (init_dir / "config.json").exists():
+        _save_student_init(teacher_dir / "model", init_dir, preset["keep_every"])
+    sft_student = out / "student-sft"
+    _run(sft, SFTConfig, {"output_dir": str(sft_student), "seed": seed, "model": {"name_or_path": str(init_dir)},
+                          "data": train_data, "train": common_train}, sft_student / "summary.json", sft_student)
+    results = {"calibration": json.loads((out / "calibrate" / "calibration.json").read_text())}
+    for label, model_dir in (("teacher", teacher_dir / "model"), ("student_sft", sft_student / "model"),
+                             ("student_first", first_dir / "model")):
+        eval_dir = out / f"eval-mcq-{label}"
+        _run(evaluate, EvaluateConfig, {
+            "output_dir": str(eval_dir), "task": "mcq", "model": {"name_or_path": str(model_dir)},
+            "data": {"sources": [{"name": "mcq_test", "path": str(mcq["test"])}]}, "batch_size": 8},
+            eval_dir / "eval.json")
+        results[label] = json.loads((eval_dir / "eval.json").read_text())["overall"]
+    return results
+
+
+def _save_student_init(teacher_dir: Path, target: Path, keep_every: int) -> None:
+    from lmrefinery.config import ModelConfig
+    from lmrefinery.distill.student import every_nth, keep_layers
+    from lmrefinery.fileio import atomic_directory
+    from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
+
+    config = ModelConfig(name_or_path=str(teacher_dir))
+    model = load_model(config)
+    student = keep_layers(model, every_nth(len(find_decoder_layers(model)), keep_every))
+    with atomic_directory(target) as tmp:
+        student.save_pretrained(tmp)
+        load_tokenizer(config).save_pretrained(tmp)
 
 
 def run(config: DemoConfig, resume: bool = False) -> Path:
-    preset = PRESETS[config.preset]
+    preset = dict(PRESETS[config.preset])
+    if config.max_length is not None:
+        preset["max_length"] = config.max_length
     out = Path(config.output_dir)
-    paths = _build_data(out / "data", preset, config.seed)
-    baseline = _evaluate(MODEL, paths["test"], out / "eval-base", preset)
-
-    sft_dir = out / "sft"
-    sft_tree = {
-        "output_dir": str(sft_dir), "seed": config.seed, "model": {"name_or_path": MODEL},
-        "data": {"sources": _sources(paths["train"]), "max_length": preset["max_length"]},
-        "sampling": {"strategy": "uniform"},
-        "validation": {"sources": _sources(paths["test"]), "every": preset["steps"], "batch_size": 8},
-        "train": {"steps": preset["steps"], "batch_size": preset["batch"], "micro_batch_size": preset["micro"],
-                  "lr": 1e-4, "warmup_steps": 1, "checkpoint_every": max(1, preset["steps"] // 2)},
-    }
-    if not (sft_dir / "summary.json").exists():
-        sft_recipe.run(validate_config(SFTConfig, sft_tree), resume=(sft_dir / "checkpoints").exists())
-    tuned = _evaluate(str(sft_dir / "model"), paths["test"], out / "eval-sft", preset)
-
-    rows = [(task, baseline["per_source"][task]["loss"], tuned["per_source"][task]["loss"]) for task in TASKS]
-    rows.append(("all", baseline["overall"]["loss"], tuned["overall"]["loss"]))
-    summary = {"preset": config.preset, "model": MODEL, "sft_steps": preset["steps"],
-               "held_out_loss": {name: {"before": before, "after": after} for name, before, after in rows}}
-    atomic_write_json(out / "summary.json", summary)
-    lines = ["", f"Held-out loss of {MODEL} before and after {preset['steps']} SFT steps:",
-             f"  {'source':<18}{'before':>10}{'after':>10}"]
-    lines += [f"  {name:<18}{before:>10.4f}{after:>10.4f}" for name, before, after in rows]
-    lines += ["", "Outputs:",
-              f"  data (JSONL, messages format)  {out / 'data'}",
-              f"  fine-tuned model (HF format)   {sft_dir / 'model'}",
-              f"  training metrics               {sft_dir / 'metrics.jsonl'}",
-              f"  held-out evaluations           {out / 'eval-base' / 'eval.json'}, {out / 'eval-sft' / 'eval.json'}",
-              f"  summary                        {out / 'summary.json'}",
-              "", "Rerun a stage on your own model/data:",
-              f"  lmrefinery sft --config {sft_dir / 'config.yaml'} output_dir=runs/my-sft model.name_or_path=MODEL",
-              f"  lmrefinery evaluate --config {out / 'eval-sft' / 'config.yaml'} output_dir=runs/my-eval"]
-    print("\n".join(lines))
+    paths = demo_data.build(out / "data", preset, config.seed)
+    scalebio_results = scalebio_story(out / "scalebio", paths, preset, config.model, config.seed)
+    first_results = first_story(out / "first", paths, preset, config.model, config.seed)
+    report = write_report(out, config, preset, paths, scalebio_results, first_results)
+    print(report["console"])
     return out
