@@ -30,8 +30,8 @@ PRESETS = {
               "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.2, "mix_examples": 24, "sft_steps": 3,
               "mcq_train": 16, "mcq_heldout": 8, "mcq_test": 8, "teacher_steps": 3, "distill_steps": 3,
               "keep_every": 3},
-    "default": {"per_source": 32, "validation": 16, "test": 24, "max_length": 192, "reweight_steps": 12,
-                "reweight_batch": 8, "val_batch": 8, "lr_weights": 0.1, "mix_examples": 64, "sft_steps": 8,
+    "default": {"per_source": 32, "validation": 16, "test": 24, "max_length": 192, "reweight_steps": 8,
+                "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.15, "mix_examples": 64, "sft_steps": 8,
                 "mcq_train": 48, "mcq_heldout": 24, "mcq_test": 24, "teacher_steps": 8, "distill_steps": 8,
                 "keep_every": 3},
 }
@@ -63,7 +63,7 @@ def scalebio_story(out: Path, paths: dict, preset: dict, model: str, seed: int) 
         "scalebio": {"alpha": 10, "lr_lower": 5e-5, "lr_upper": 5e-5, "lr_weights": preset["lr_weights"]},
         "train": {"steps": preset["reweight_steps"], "batch_size": preset["reweight_batch"],
                   "val_batch_size": preset["val_batch"], "micro_batch_size": 4, "warmup_ratio": 0.0,
-                  "schedule": "constant", "checkpoint_every": max(1, preset["reweight_steps"] // 2)},
+                  "schedule": "constant", "checkpoint_every": None},
         "lisa": {"enabled": True, "layers": 2, "interval": 2}}, run / "weights.json", run)
     learned = json.loads((run / "weights.json").read_text())["weights"]
     uniform = {name: 1.0 for name in learned}
