@@ -39,6 +39,8 @@ def tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
                                         pad_token="<|endoftext|>")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    # The fixtures' models are built with this vocabulary size; a tokenizer change must not silently outgrow it.
+    assert len(tokenizer) == 320 and tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
     return tokenizer
 
 
