@@ -108,6 +108,7 @@ def score_items(model, tokenizer, items: list[MCQItem], batch_size: int, precisi
     model.eval()
     results = []
     encoded = [prompt_ids(tokenizer, item.prompt) for item in items]
+    variants_of = {letters: letter_token_ids(tokenizer, list(letters)) for letters in {tuple(i.letters) for i in items}}
     for start in range(0, len(items), batch_size):
         chunk = list(range(start, min(start + batch_size, len(items))))
         length = max(len(encoded[i]) for i in chunk)
@@ -122,7 +123,7 @@ def score_items(model, tokenizer, items: list[MCQItem], batch_size: int, precisi
         probabilities = torch.softmax(logits[torch.arange(len(chunk), device=device), last].float(), dim=-1).cpu()
         for row, i in enumerate(chunk):
             item = items[i]
-            variants = letter_token_ids(tokenizer, item.letters)
+            variants = variants_of[tuple(item.letters)]
             p = probabilities[row]
             top = int(p.argmax())
             predicted_letter = next((k for k, ids in enumerate(variants) if top in ids), None)

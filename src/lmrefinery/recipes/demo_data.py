@@ -47,9 +47,11 @@ def build(directory: Path, sizes: dict, seed: int) -> dict:
                          lambda: reasoning_gym_records(TARGET, sizes["test"], seed + 901, **EASY[TARGET]))
     for split, count, offset in (("train", sizes["mcq_train"], 0), ("heldout", sizes["mcq_heldout"], 1),
                                  ("test", sizes["mcq_test"], 2)):
-        items = mcq_items(TARGET, count, seed + 1000 + offset, **EASY[TARGET])
-        paths["mcq"][split] = once(directory / f"mcq.{split}.jsonl", lambda items=items: items)
+        def items(count=count, offset=offset):  # generated only when a file is missing
+            return mcq_items(TARGET, count, seed + 1000 + offset, **EASY[TARGET])
+
+        paths["mcq"][split] = once(directory / f"mcq.{split}.jsonl", items)
         if split != "test":
             paths["mcq"][f"{split}_conversations"] = once(directory / f"mcq.{split}.conversations.jsonl",
-                                                          lambda items=items: [mcq_conversation(i) for i in items])
+                                                          lambda items=items: [mcq_conversation(i) for i in items()])
     return paths
