@@ -35,4 +35,4 @@ bench: $(VENV)/.demo-installed
 	$(BIN)/python bench/sft_step.py
 
 clean:
-	rm -rf $(VENV) demo-out runs .pytest_cache
+	rm -rf $(VENV) demo-out demo-out-quick compare-out compare-out-quick runs .pytest_cache

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lmrefinery import config as config_module
 from lmrefinery.cli import COMMANDS
@@ -64,3 +65,23 @@ def test_resolved_config_is_saved(tmp_path, tiny_model_dir):
     assert run_cli("sft", "--config", path, "train.lr=0.0005") == 0
     saved = load_config(SFTConfig, tmp_path / "run" / "config.yaml")
     assert saved.train.lr == 0.0005 and saved.train.warmup_ratio == 0.03  # defaults resolved and written
+
+
+def _paths_in(tree) -> list[str]:
+    if isinstance(tree, dict):
+        return [p for value in tree.values() for p in _paths_in(value)]
+    if isinstance(tree, list):
+        return [p for value in tree for p in _paths_in(value)]
+    return [tree] if isinstance(tree, str) and tree.startswith("demo-out/data/") else []
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_read_files_the_demo_writes(path):
+    from lmrefinery.recipes.demo_data import layout
+
+    written = layout(Path("demo-out/data"))
+    files = {str(p) for p in written["sources"].values()} | {str(written["validation"]), str(written["test"])}
+    files |= {str(p) for p in written["mcq"].values()}
+    tree = yaml.safe_load(path.read_text())
+    for data_path in _paths_in(tree):
+        assert data_path in files, f"{path.name}: {data_path} is not a file `lmrefinery demo` writes"

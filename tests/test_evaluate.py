@@ -60,3 +60,32 @@ def test_two_process_evaluation_matches(tmp_path, tiny_model_dir):
     for name in ("a", "b"):
         assert two["per_source"][name]["loss"] == pytest.approx(one["per_source"][name]["loss"], abs=1e-5)
         assert two["per_source"][name]["tokens"] == one["per_source"][name]["tokens"]
+    for key in ("token_accuracy", "token_ece", "token_brier"):
+        assert two["overall"][key] == pytest.approx(one["overall"][key], abs=1e-6)
+
+
+def test_loss_task_reports_next_token_calibration(tmp_path, tiny_model_dir, tokenizer):
+    """token_accuracy / token_ece / token_brier equal the calibration module's formulas applied to every supervised
+    token's full next-token distribution, computed one unpadded example at a time."""
+    from lmrefinery.evaluation.calibration import brier_score, expected_calibration_error
+
+    assert run_cli("evaluate", "--task", "loss", "--config", _config(tmp_path, tiny_model_dir), "n_bins=7") == 0
+    overall = json.loads((tmp_path / "eval" / "eval.json").read_text())["overall"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    data = DataConfig(sources=[SourceConfig(name="a", path=str(tmp_path / "a.jsonl")),
+                               SourceConfig(name="b", path=str(tmp_path / "b.jsonl"))], max_length=96)
+    probabilities, gold = [], []
+    with torch.no_grad():
+        for example in load_pool(data.sources, ChatEncoder(tokenizer), data).examples:
+            logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+            targets = torch.tensor(example.labels[1:])
+            keep = targets != -100
+            probabilities.append(torch.softmax(logits[keep].double(), dim=-1))
+            gold.append(targets[keep])
+    probabilities, gold = torch.cat(probabilities), torch.cat(gold)
+    confidence, predicted = probabilities.max(dim=-1)
+    correct = (predicted == gold).double()
+    assert overall["token_accuracy"] == pytest.approx(float(correct.mean()), abs=1e-9)
+    assert overall["token_ece"] == pytest.approx(expected_calibration_error(confidence, correct, 7), abs=1e-5)
+    assert overall["token_brier"] == pytest.approx(brier_score(probabilities, gold), abs=1e-5)
+    assert 0 < overall["token_ece"] and 0 < overall["token_brier"] < 2

@@ -131,3 +131,25 @@ def test_final_model_loads_with_automodel_and_matches_checkpoint(tmp_path, tiny_
         torch.testing.assert_close(state[name], tensor, atol=0, rtol=0)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.equal(original[n], state[n]) for n in checkpoint)
+
+
+def test_label_smoothed_loss_is_the_mixture_of_cross_entropy_and_uniform_target(tokenizer):
+    """(1 − ε)·(−log p_gold) + ε·mean_v(−log p_v) per supervised token, written out by hand."""
+    from lmrefinery.train.losses import label_smoothed_loss_sums
+
+    examples = _examples(tokenizer)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    batch = collate(examples, tokenizer.pad_token_id)
+    epsilon = 0.2
+    sums, tokens = label_smoothed_loss_sums(epsilon)(model, batch, "fp32")
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=batch.input_ids,
+                                        attention_mask=batch.attention_mask).logits[:, :-1].double(), dim=-1)
+    targets = batch.labels[:, 1:]
+    keep = targets != -100
+    gold = -log_p.gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    expected = ((1 - epsilon) * gold + epsilon * -log_p.mean(dim=-1)) * keep
+    torch.testing.assert_close(sums.double(), expected.sum(dim=1), atol=1e-4, rtol=0)
+    assert torch.equal(tokens, keep.sum(dim=1))
+    plain, _ = label_smoothed_loss_sums(0.0)(model, batch, "fp32")
+    assert float((sums - plain).detach().abs().min()) > 1e-3  # smoothing changes every example's loss

@@ -24,6 +24,7 @@ COMMANDS = {
     "distill": ("lmrefinery.recipes.distill", "DistillConfig", "distil a student from the top-k cache (FIRST)"),
     "evaluate": ("lmrefinery.recipes.evaluate", "EvaluateConfig", "held-out loss per source, or MCQ accuracy and calibration"),
     "demo": ("lmrefinery.recipes.demo", "DemoConfig", "the whole story on the embedded default model and data"),
+    "compare": ("lmrefinery.recipes.compare", "CompareConfig", "the papers' baselines side by side under one budget"),
 }
 
 
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -54,7 +55,7 @@ def _configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _configure_logging()
+    configure_logging()
     from lmrefinery import config as config_module
 
     module_name, config_class, _ = COMMANDS[args.command]

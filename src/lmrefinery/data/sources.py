@@ -19,6 +19,7 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     source_id: int
+    record: int = -1  # position of its record in the source file (data selection writes the chosen records back)
 
 
 @dataclass
@@ -97,7 +98,7 @@ def load_source(spec: SourceConfig, source_id: int, encoder: ChatEncoder, data: 
                 stats.skip_reasons.append(str(bad))
             continue
         if fitted is not None:
-            examples.append(TokenizedExample(fitted[0], fitted[1], source_id))
+            examples.append(TokenizedExample(fitted[0], fitted[1], source_id, stats.records - 1))
     stats.format = fmt or spec.format
     stats.examples = len(examples)
     if not examples:

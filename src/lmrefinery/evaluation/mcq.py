@@ -11,6 +11,7 @@ probabilities and renormalises over the options.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 
@@ -103,12 +104,10 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def score_items(model, tokenizer, items: list[MCQItem], batch_size: int, precision: str, device) -> list[dict]:
-    """Per item: prediction, correctness and confidence in the full-vocabulary and option-restricted views."""
+def answer_logits(model, tokenizer, items: list[MCQItem], batch_size: int, precision: str, device):
+    """Yield (item indices, fp32 next-token logits at the answer position) one batch at a time."""
     model.eval()
-    results = []
     encoded = [prompt_ids(tokenizer, item.prompt) for item in items]
-    variants_of = {letters: letter_token_ids(tokenizer, list(letters)) for letters in {tuple(i.letters) for i in items}}
     for start in range(0, len(items), batch_size):
         chunk = list(range(start, min(start + batch_size, len(items))))
         length = max(len(encoded[i]) for i in chunk)
@@ -120,10 +119,26 @@ def score_items(model, tokenizer, items: list[MCQItem], batch_size: int, precisi
         with autocast(precision, device):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
         last = torch.tensor([len(encoded[i]) - 1 for i in chunk], device=device)
-        probabilities = torch.softmax(logits[torch.arange(len(chunk), device=device), last].float(), dim=-1).cpu()
+        yield chunk, logits[torch.arange(len(chunk), device=device), last].float().cpu()
+
+
+def option_variants(tokenizer, items: list[MCQItem]) -> list[list[list[int]]]:
+    """Per item: the token ids that spell each option letter (see `letter_token_ids`)."""
+    variants_of = {letters: letter_token_ids(tokenizer, list(letters)) for letters in {tuple(i.letters) for i in items}}
+    return [variants_of[tuple(item.letters)] for item in items]
+
+
+def score_items(model, tokenizer, items: list[MCQItem], batch_size: int, precision: str, device,
+                temperature: float = 1.0) -> list[dict]:
+    """Per item: prediction, correctness and confidence in the full-vocabulary and option-restricted views.
+    `temperature` divides the logits before the softmax (post-hoc temperature scaling)."""
+    results = []
+    variants_by_item = option_variants(tokenizer, items)
+    for chunk, logits in answer_logits(model, tokenizer, items, batch_size, precision, device):
+        probabilities = torch.softmax(logits / temperature, dim=-1)
         for row, i in enumerate(chunk):
             item = items[i]
-            variants = variants_of[tuple(item.letters)]
+            variants = variants_by_item[i]
             p = probabilities[row]
             top = int(p.argmax())
             predicted_letter = next((k for k, ids in enumerate(variants) if top in ids), None)
@@ -140,3 +155,31 @@ def score_items(model, tokenizer, items: list[MCQItem], batch_size: int, precisi
                 "option_correct": option_prediction == item.gold, "option_confidence": float(restricted.max()),
                 "gold_index": item.gold})
     return results
+
+
+def fit_temperature(logits: torch.Tensor, gold_token_ids: list[list[int]], low: float = 0.05,
+                    high: float = 20.0, points: int = 200) -> float:
+    """Post-hoc temperature scaling: the T minimising the mean NLL of the gold answer, −log Σ_{v ∈ gold} softmax(z/T)_v.
+
+    A log-spaced grid, then a golden-section search between the best grid point's neighbours: the NLL is smooth in
+    log T, and a grid first avoids trusting it to be unimodal over four decades.
+    """
+    logits = logits.double()
+
+    def nll(temperature: float) -> float:
+        log_probs = torch.log_softmax(logits / temperature, dim=-1)
+        return -float(torch.stack([torch.logsumexp(log_probs[row, ids], dim=0)
+                                   for row, ids in enumerate(gold_token_ids)]).mean())
+
+    grid = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64).tolist()
+    values = [nll(t) for t in grid]
+    best = min(range(points), key=values.__getitem__)
+    a, b = math.log(grid[max(best - 1, 0)]), math.log(grid[min(best + 1, points - 1)])
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if nll(math.exp(c)) <= nll(math.exp(d)):
+            b = d
+        else:
+            a = c
+    return math.exp((a + b) / 2)

@@ -14,38 +14,29 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
-from lmrefinery.config import (CalibrateConfig, DemoConfig, DistillConfig, EvaluateConfig, MixConfig,
-                               ReweightConfig, SFTConfig, TeacherConfig, validate_config)
-from lmrefinery.recipes import calibrate, distill, evaluate, mix, reweight, sft, teacher
+from lmrefinery.config import (CalibrateConfig, DemoConfig, DistillConfig, MixConfig, ReweightConfig, SFTConfig,
+                               StudentConfig, TeacherConfig)
+from lmrefinery.recipes import calibrate, distill, mix, reweight, sft, teacher
 from lmrefinery.recipes import demo_data
 from lmrefinery.recipes.demo_report import write_report
+from lmrefinery.recipes.stages import evaluate_answers, evaluate_mcq, run_stage, save_student_init
 
 log = logging.getLogger(__name__)
 
+# "batch" is the SFT/teacher/student batch (mix_examples = sft_steps × batch: one pass over the mix). The quick preset
+# is sized for ≤ 3 minutes on 2 CPU cores; only the default one is sized for the weights to find the noisy sources.
 PRESETS = {
-    "quick": {"per_source": 16, "validation": 8, "test": 8, "max_length": 160, "reweight_steps": 5,
-              "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.2, "mix_examples": 24, "sft_steps": 3,
-              "mcq_train": 16, "mcq_heldout": 8, "mcq_test": 8, "teacher_steps": 3, "distill_steps": 3,
+    "quick": {"per_source": 16, "validation": 8, "test": 8, "max_length": 128, "reweight_steps": 3,
+              "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.2, "mix_examples": 8, "sft_steps": 2,
+              "batch": 4, "mcq_train": 16, "mcq_heldout": 8, "mcq_test": 8, "teacher_steps": 2, "distill_steps": 2,
               "keep_every": 3},
     "default": {"per_source": 32, "validation": 16, "test": 24, "max_length": 192, "reweight_steps": 8,
                 "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.15, "mix_examples": 64, "sft_steps": 8,
-                "mcq_train": 48, "mcq_heldout": 24, "mcq_test": 24, "teacher_steps": 8, "distill_steps": 8,
-                "keep_every": 3},
+                "batch": 8, "mcq_train": 48, "mcq_heldout": 24, "mcq_test": 24, "teacher_steps": 8,
+                "distill_steps": 8, "keep_every": 3},
 }
-
-
-def _run(recipe, config_class, tree: dict, done: Path, resume_from: Path | None = None) -> None:
-    """Run one stage unless `done` exists; resume it when an interrupted run left checkpoints."""
-    if done.exists():
-        log.info("stage %s: already complete", tree["output_dir"])
-        return
-    resume = resume_from is not None and (resume_from / "checkpoints").exists()
-    recipe.run(validate_config(config_class, tree), resume=resume)
-    if resume_from is not None:  # finished: its checkpoints only served resuming (they hold GBs of optimizer state)
-        shutil.rmtree(resume_from / "checkpoints", ignore_errors=True)
 
 
 def _sources(paths: dict) -> list[dict]:
@@ -55,7 +46,7 @@ def _sources(paths: dict) -> list[dict]:
 def scalebio_story(out: Path, paths: dict, preset: dict, model: str, seed: int) -> dict:
     data = {"sources": _sources(paths["sources"]), "max_length": preset["max_length"]}
     run = out / "reweight"
-    _run(reweight, ReweightConfig, {
+    run_stage(reweight, ReweightConfig, {
         "output_dir": str(run), "seed": seed, "model": {"name_or_path": model}, "data": data,
         "validation": {"sources": [{"name": "target", "path": str(paths["validation"])}]},
         # α = 10 and a larger step for u and w than the paper's 1e-5: in a handful of steps the two copies must
@@ -70,14 +61,14 @@ def scalebio_story(out: Path, paths: dict, preset: dict, model: str, seed: int) 
     results = {"weights": learned}
     for label, weights in (("learned", learned), ("uniform", uniform)):
         mix_dir = out / f"mix-{label}"
-        _run(mix, MixConfig, {"output_dir": str(mix_dir), "sources": data["sources"], "weights": weights,
-                              "num_examples": preset["mix_examples"], "seed": seed}, mix_dir / "manifest.json")
+        run_stage(mix, MixConfig, {"output_dir": str(mix_dir), "sources": data["sources"], "weights": weights,
+                                   "num_examples": preset["mix_examples"], "seed": seed}, mix_dir / "manifest.json")
         sft_dir = out / f"sft-{label}"
-        _run(sft, SFTConfig, {
+        run_stage(sft, SFTConfig, {
             "output_dir": str(sft_dir), "seed": seed, "model": {"name_or_path": model},
             "data": {"sources": [{"name": "mix", "path": str(mix_dir / "mix.jsonl")}],
                      "max_length": preset["max_length"]},
-            "train": {"steps": preset["sft_steps"], "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
+            "train": {"steps": preset["sft_steps"], "batch_size": preset["batch"], "micro_batch_size": 4, "lr": 1e-4,
                       "warmup_steps": 0, "checkpoint_every": preset["sft_steps"]}}, sft_dir / "summary.json", sft_dir)
         results[label] = _evaluate_target(out / f"eval-{label}", sft_dir / "model", paths, preset)
     results["base"] = _evaluate_target(out / "eval-base", model, paths, preset)
@@ -85,15 +76,8 @@ def scalebio_story(out: Path, paths: dict, preset: dict, model: str, seed: int) 
 
 
 def _evaluate_target(directory: Path, model, paths: dict, preset: dict) -> dict:
-    test = {"sources": [{"name": "target_test", "path": str(paths["test"])}], "max_length": preset["max_length"]}
-    common = {"model": {"name_or_path": str(model)}, "data": test, "batch_size": 8}
-    _run(evaluate, EvaluateConfig, {"output_dir": str(directory / "loss"), "task": "loss", **common},
-         directory / "loss" / "eval.json")
-    _run(evaluate, EvaluateConfig, {"output_dir": str(directory / "exact"), "task": "exact_match",
-                                    "max_new_tokens": 12, **common}, directory / "exact" / "eval.json")
-    loss = json.loads((directory / "loss" / "eval.json").read_text())["overall"]["loss"]
-    exact = json.loads((directory / "exact" / "eval.json").read_text())["overall"]
-    return {"test_loss": loss, "exact_match": exact["accuracy"], "mean_score": exact["mean_score"]}
+    return evaluate_answers(directory, model, [{"name": "target_test", "path": str(paths["test"])}],
+                            preset["max_length"])
 
 
 def first_story(out: Path, paths: dict, preset: dict, model: str, seed: int) -> dict:
@@ -101,59 +85,40 @@ def first_story(out: Path, paths: dict, preset: dict, model: str, seed: int) -> 
     length = preset["max_length"] + 96  # multiple-choice prompts are longer
     train_data = {"sources": [{"name": "mcq", "path": str(mcq["train_conversations"])}], "max_length": length}
     teacher_dir = out / "teacher-sft"
-    _run(sft, SFTConfig, {
+    run_stage(sft, SFTConfig, {
         "output_dir": str(teacher_dir), "seed": seed, "model": {"name_or_path": model}, "data": train_data,
-        "train": {"steps": preset["teacher_steps"], "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
+        "train": {"steps": preset["teacher_steps"], "batch_size": preset["batch"], "micro_batch_size": 4, "lr": 1e-4,
                   "warmup_steps": 0, "checkpoint_every": preset["teacher_steps"]}},
         teacher_dir / "summary.json", teacher_dir)
     teacher_model = {"name_or_path": str(teacher_dir / "model")}
     for name, source in (("cache", train_data), ("cache-heldout", {
             "sources": [{"name": "heldout", "path": str(mcq["heldout_conversations"])}], "max_length": length})):
-        _run(teacher, TeacherConfig, {"output_dir": str(out / name), "model": teacher_model, "data": source,
-                                      "k": 5}, out / name / "manifest.json")
-    _run(calibrate, CalibrateConfig, {"output_dir": str(out / "calibrate"), "cache": str(out / "cache-heldout")},
-         out / "calibrate" / "calibration.json")
-    common_train = {"steps": preset["distill_steps"], "batch_size": 8, "micro_batch_size": 4, "lr": 2e-4,
+        run_stage(teacher, TeacherConfig, {"output_dir": str(out / name), "model": teacher_model, "data": source,
+                                           "k": 5}, out / name / "manifest.json")
+    run_stage(calibrate, CalibrateConfig, {"output_dir": str(out / "calibrate"),
+                                           "cache": str(out / "cache-heldout")}, out / "calibrate" / "calibration.json")
+    common_train = {"steps": preset["distill_steps"], "batch_size": preset["batch"], "micro_batch_size": 4, "lr": 2e-4,
                     "warmup_steps": 0, "checkpoint_every": preset["distill_steps"]}
     student = {"init": "keep-layers", "keep_every": preset["keep_every"]}
     first_dir = out / "student-first"
-    _run(distill, DistillConfig, {
+    run_stage(distill, DistillConfig, {
         "output_dir": str(first_dir), "seed": seed, "cache": str(out / "cache"), "student": student,
         "loss": {"teacher_transform": "prob_temperature",
                  "calibration": str(out / "calibrate" / "calibration.json")},
         "train": common_train}, first_dir / "summary.json", first_dir)
     # The fine-tuning baseline: the same student init trained on the gold answers (linear transform at c = 1 on a
     # one-hot target is exactly cross-entropy, so use sft on a saved copy of the init).
-    init_dir = out / "student-init"
-    if not (init_dir / "config.json").exists():
-        _save_student_init(teacher_dir / "model", init_dir, preset["keep_every"])
+    init_dir = save_student_init(teacher_dir / "model", out / "student-init",
+                                 StudentConfig(keep_every=preset["keep_every"]))
     sft_student = out / "student-sft"
-    _run(sft, SFTConfig, {"output_dir": str(sft_student), "seed": seed, "model": {"name_or_path": str(init_dir)},
-                          "data": train_data, "train": common_train}, sft_student / "summary.json", sft_student)
+    run_stage(sft, SFTConfig, {"output_dir": str(sft_student), "seed": seed,
+                               "model": {"name_or_path": str(init_dir)}, "data": train_data, "train": common_train},
+              sft_student / "summary.json", sft_student)
     results = {"calibration": json.loads((out / "calibrate" / "calibration.json").read_text())}
     for label, model_dir in (("teacher", teacher_dir / "model"), ("student_sft", sft_student / "model"),
                              ("student_first", first_dir / "model")):
-        eval_dir = out / f"eval-mcq-{label}"
-        _run(evaluate, EvaluateConfig, {
-            "output_dir": str(eval_dir), "task": "mcq", "model": {"name_or_path": str(model_dir)},
-            "data": {"sources": [{"name": "mcq_test", "path": str(mcq["test"])}]}, "batch_size": 8},
-            eval_dir / "eval.json")
-        results[label] = json.loads((eval_dir / "eval.json").read_text())["overall"]
+        results[label] = evaluate_mcq(out / f"eval-mcq-{label}", model_dir, mcq["test"])
     return results
-
-
-def _save_student_init(teacher_dir: Path, target: Path, keep_every: int) -> None:
-    from lmrefinery.config import ModelConfig
-    from lmrefinery.distill.student import every_nth, keep_layers
-    from lmrefinery.fileio import atomic_directory
-    from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
-
-    config = ModelConfig(name_or_path=str(teacher_dir))
-    model = load_model(config)
-    student = keep_layers(model, every_nth(len(find_decoder_layers(model)), keep_every))
-    with atomic_directory(target) as tmp:
-        student.save_pretrained(tmp)
-        load_tokenizer(config).save_pretrained(tmp)
 
 
 def run(config: DemoConfig, resume: bool = False) -> Path:

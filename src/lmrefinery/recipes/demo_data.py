@@ -22,36 +22,44 @@ CORRUPTED = "basic_arithmetic_corrupted"
 OFF_DOMAIN = "kjv_text"
 
 
+def layout(directory: Path) -> dict:
+    """Where `build` writes each file, by role."""
+    directory = Path(directory)
+    paths = {"sources": {task: directory / f"{task}.jsonl" for task in (*CLEAN, CORRUPTED, OFF_DOMAIN)},
+             "validation": directory / "target.validation.jsonl", "test": directory / "target.test.jsonl",
+             "mcq": {}}
+    for split in ("train", "heldout", "test"):
+        paths["mcq"][split] = directory / f"mcq.{split}.jsonl"
+        if split != "test":
+            paths["mcq"][f"{split}_conversations"] = directory / f"mcq.{split}.conversations.jsonl"
+    return paths
+
+
 def build(directory: Path, sizes: dict, seed: int) -> dict:
-    """Write every file (skipped when present); return their paths by role."""
+    """Write every file of `layout` (each skipped when present); return their paths by role."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {"sources": {}, "mcq": {}}
+    paths = layout(directory)
     n = sizes["per_source"]
 
-    def once(path: Path, make) -> Path:
+    def once(path: Path, make) -> None:
         if not path.exists():
             write_jsonl(path, make())
-        return path
 
     for offset, task in enumerate(CLEAN):
-        paths["sources"][task] = once(directory / f"{task}.jsonl",
-                                      lambda task=task, offset=offset: reasoning_gym_records(
-                                          task, n, seed + 11 * offset, **EASY.get(task, {})))
-    paths["sources"][CORRUPTED] = once(
-        directory / f"{CORRUPTED}.jsonl",
-        lambda: corrupt_answers(reasoning_gym_records(TARGET, n, seed + 500, **EASY[TARGET]), 1.0, seed))
-    paths["sources"][OFF_DOMAIN] = once(directory / f"{OFF_DOMAIN}.jsonl", lambda: kjv_records(n, seed))
-    paths["validation"] = once(directory / "target.validation.jsonl",
-                               lambda: reasoning_gym_records(TARGET, sizes["validation"], seed + 900, **EASY[TARGET]))
-    paths["test"] = once(directory / "target.test.jsonl",
-                         lambda: reasoning_gym_records(TARGET, sizes["test"], seed + 901, **EASY[TARGET]))
+        once(paths["sources"][task], lambda task=task, offset=offset: reasoning_gym_records(
+            task, n, seed + 11 * offset, **EASY.get(task, {})))
+    once(paths["sources"][CORRUPTED],
+         lambda: corrupt_answers(reasoning_gym_records(TARGET, n, seed + 500, **EASY[TARGET]), 1.0, seed))
+    once(paths["sources"][OFF_DOMAIN], lambda: kjv_records(n, seed))
+    once(paths["validation"],
+         lambda: reasoning_gym_records(TARGET, sizes["validation"], seed + 900, **EASY[TARGET]))
+    once(paths["test"], lambda: reasoning_gym_records(TARGET, sizes["test"], seed + 901, **EASY[TARGET]))
     for split, count, offset in (("train", sizes["mcq_train"], 0), ("heldout", sizes["mcq_heldout"], 1),
                                  ("test", sizes["mcq_test"], 2)):
         def items(count=count, offset=offset):  # generated only when a file is missing
             return mcq_items(TARGET, count, seed + 1000 + offset, **EASY[TARGET])
 
-        paths["mcq"][split] = once(directory / f"mcq.{split}.jsonl", items)
+        once(paths["mcq"][split], items)
         if split != "test":
-            paths["mcq"][f"{split}_conversations"] = once(directory / f"mcq.{split}.conversations.jsonl",
-                                                          lambda items=items: [mcq_conversation(i) for i in items()])
+            once(paths["mcq"][f"{split}_conversations"], lambda items=items: [mcq_conversation(i) for i in items()])
     return paths

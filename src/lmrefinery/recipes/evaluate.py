@@ -29,7 +29,7 @@ def _loss(config: EvaluateConfig, env) -> dict:
     batches = -(-len(pool.examples) // (config.batch_size * env.world_size))
     progress = progress_bar(env, batches, "evaluate")
     result = evaluate_loss(model, pool, env, config.batch_size, config.model.precision, tokenizer.pad_token_id,
-                           progress)
+                           progress, config.n_bins)
     progress.close()
     if env.is_main:
         print(json.dumps({"overall": result["overall"],
@@ -68,7 +68,8 @@ def _mcq(config: EvaluateConfig, env, output_dir: Path) -> dict:
     model = load_model(config.model, env.device)
     all_results = []
     for name, items in items_by_source.items():
-        results = score_items(model, tokenizer, items, config.batch_size, config.model.precision, env.device)
+        results = score_items(model, tokenizer, items, config.batch_size, config.model.precision, env.device,
+                              config.temperature)
         for result in results:
             result["source"] = name
         per_source[name] = mcq_metrics(results, config.n_bins)

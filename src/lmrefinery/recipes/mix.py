@@ -33,7 +33,8 @@ def mixture_counts(total: int, weights: list[float]) -> list[int]:
     return counts
 
 
-def _conversations(spec: SourceConfig, on_bad_record: str) -> list[dict]:
+def source_conversations(spec: SourceConfig, on_bad_record: str) -> list[dict]:
+    """The source's records as `messages` conversations; with on_bad_record 'error', index i is record i."""
     fmt = None if spec.format == "auto" else spec.format
     records = []
     for item in read_records(spec.path):
@@ -72,7 +73,7 @@ def _normalised_weights(config: MixConfig, names: list[str]) -> list[float]:
 def run(config: MixConfig, resume: bool = False) -> Path:
     names = [s.name for s in config.sources]
     weights = _normalised_weights(config, names)
-    pools = [_conversations(spec, config.on_bad_record) for spec in config.sources]
+    pools = [source_conversations(spec, config.on_bad_record) for spec in config.sources]
     counts = mixture_counts(config.num_examples, weights)
     mixture, manifest_sources = [], {}
     for index, (spec, records, count) in enumerate(zip(config.sources, pools, counts)):

@@ -18,6 +18,7 @@ from lmrefinery.recipes.common import accumulation_steps, load_data, total_steps
 from lmrefinery.train.checkpoint import seed_everything
 from lmrefinery.train.distributed import setup_distributed, shard_model
 from lmrefinery.train.loop import TrainingSetup, train
+from lmrefinery.train.losses import example_loss_sums, label_smoothed_loss_sums
 from lmrefinery.train.run_dir import check_output_dir
 from lmrefinery.train.save import save_hf_model
 
@@ -41,7 +42,9 @@ def run(config: SFTConfig, resume: bool = False) -> Path:
         name="sft", config=config, output_dir=output_dir, env=env, model=model, pad_id=tokenizer.pad_token_id,
         pool=pool, sampler=sampler, steps=steps, train=config.train, precision=config.model.precision,
         lisa=config.lisa, seed=config.seed, validation_pool=extras.get("validation"), validation=config.validation,
-        start_metrics={"accumulation": accumulation}), resume)
+        start_metrics={"accumulation": accumulation},
+        loss_sums_fn=label_smoothed_loss_sums(config.label_smoothing) if config.label_smoothing else example_loss_sums),
+        resume)
 
     model_dir = output_dir / "model"
     if config.save_model:

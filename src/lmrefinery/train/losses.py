@@ -17,19 +17,34 @@ from lmrefinery.train.distributed import DistEnv, all_reduce_sum, gradient_sum_f
 from lmrefinery.train.precision import autocast
 
 
-def example_loss_sums(model: nn.Module, batch: Batch, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_logits(model: nn.Module, batch: Batch, precision: str) -> torch.Tensor:
+    with autocast(precision, batch.input_ids.device):
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor,
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the sum of next-token cross-entropies over its supervised tokens, and how many there are.
 
     Cross-entropy is computed in fp32 even under bf16 autocast (the softmax over a large vocabulary is where bf16
-    loses the most).
+    loses the most). With label smoothing ε each token's loss is (1 − ε)·CE + ε·mean over the vocabulary of −log p,
+    the convention of `torch.nn.functional.cross_entropy`.
     """
-    with autocast(precision, batch.input_ids.device):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    targets = batch.labels[:, 1:]
+    targets = labels[:, 1:]
     token_losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                   reduction="none")
+                                   reduction="none", label_smoothing=label_smoothing)
     supervised = targets != IGNORE_INDEX
     return (token_losses * supervised).sum(dim=1), supervised.sum(dim=1)
+
+
+def example_loss_sums(model: nn.Module, batch: Batch, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return token_loss_sums(causal_logits(model, batch, precision), batch.labels)
+
+
+def label_smoothed_loss_sums(label_smoothing: float) -> "LossSumsFn":
+    def loss_sums(model: nn.Module, batch: Batch, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_loss_sums(causal_logits(model, batch, precision), batch.labels, label_smoothing)
+    return loss_sums
 
 
 def global_token_counts(micro_batches: list[Batch], env: DistEnv, device: torch.device) -> tuple[int, int, int]:

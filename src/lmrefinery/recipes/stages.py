@@ -1,0 +1,76 @@
+"""Multi-stage pipelines (`demo`, `compare`) run commands as stages: each is skipped when its output is complete and
+resumed when an interrupted run left checkpoints. Also the stages both pipelines share."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from lmrefinery.config import EvaluateConfig, StudentConfig, validate_config
+
+log = logging.getLogger(__name__)
+
+
+def run_stage(recipe, config_class, tree: dict, done: Path, resume_from: Path | None = None) -> None:
+    """Run one stage unless `done` exists; resume it when an interrupted run left checkpoints."""
+    if done.exists():
+        log.info("stage %s: already complete", tree["output_dir"])
+        return
+    resume = resume_from is not None and (resume_from / "checkpoints").exists()
+    recipe.run(validate_config(config_class, tree), resume=resume)
+    if resume_from is not None:  # finished: its checkpoints only served resuming (they hold GBs of optimizer state)
+        shutil.rmtree(resume_from / "checkpoints", ignore_errors=True)
+
+
+def evaluate_answers(directory: Path, model: str | Path, test_sources: list[dict], max_length: int,
+                     exact_match: bool = True, max_new_tokens: int = 12) -> dict:
+    """Held-out loss (with token-level calibration) and, optionally, exact-match accuracy of greedy answers."""
+    from lmrefinery.recipes import evaluate
+
+    common = {"model": {"name_or_path": str(model)}, "data": {"sources": test_sources, "max_length": max_length},
+              "batch_size": 8}
+    run_stage(evaluate, EvaluateConfig, {"output_dir": str(directory / "loss"), "task": "loss", **common},
+              directory / "loss" / "eval.json")
+    loss = json.loads((directory / "loss" / "eval.json").read_text())["overall"]
+    result = {"test_loss": loss["loss"], "token_accuracy": loss["token_accuracy"], "token_ece": loss["token_ece"],
+              "token_brier": loss["token_brier"]}
+    if exact_match:
+        run_stage(evaluate, EvaluateConfig, {"output_dir": str(directory / "exact"), "task": "exact_match",
+                                             "max_new_tokens": max_new_tokens, **common},
+                  directory / "exact" / "eval.json")
+        exact = json.loads((directory / "exact" / "eval.json").read_text())["overall"]
+        result.update(exact_match=exact["accuracy"], mean_score=exact["mean_score"])
+    return result
+
+
+def evaluate_mcq(directory: Path, model: str | Path, items: str | Path, n_bins: int = 10,
+                 temperature: float = 1.0) -> dict:
+    from lmrefinery.recipes import evaluate
+
+    run_stage(evaluate, EvaluateConfig, {
+        "output_dir": str(directory), "task": "mcq", "model": {"name_or_path": str(model)},
+        "data": {"sources": [{"name": "mcq_test", "path": str(items)}]}, "batch_size": 8, "n_bins": n_bins,
+        "temperature": temperature}, directory / "eval.json")
+    return json.loads((directory / "eval.json").read_text())["overall"]
+
+
+def save_student_init(teacher_dir: str | Path, target: Path, student: StudentConfig) -> Path:
+    """The keep-layers student, saved as an HF model, so baselines that fine-tune it start from the same weights
+    that `distill` builds."""
+    from lmrefinery.config import ModelConfig
+    from lmrefinery.distill.student import every_nth, keep_layers
+    from lmrefinery.fileio import atomic_directory
+    from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
+
+    if (target / "config.json").exists():
+        return target
+    config = ModelConfig(name_or_path=str(teacher_dir))
+    model = load_model(config)
+    indices = student.keep_layers or every_nth(len(find_decoder_layers(model)), student.keep_every)
+    small = keep_layers(model, indices)
+    with atomic_directory(target) as tmp:
+        small.save_pretrained(tmp)
+        load_tokenizer(config).save_pretrained(tmp)
+    return target
