@@ -14,4 +14,19 @@ trap 'rm -rf "$profile"' EXIT
   --disable-component-update --disable-sync --hide-scrollbars --user-data-dir="$profile" \
   --window-size=1200,3000 --screenshot="$shot" "file://$report" >/dev/null 2>&1
 [ -s "$shot" ] || { echo "chromium wrote no screenshot" >&2; exit 1; }
+# A rendered report is not a blank page: text in the top band, and the embedded plots bring many colours.
+python=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
+"$python" - "$shot" <<'PY'
+import sys
+from PIL import Image
+image = Image.open(sys.argv[1]).convert("RGB")
+width, height = image.size
+top = image.crop((0, 0, width, 200)).getcolors(1 << 24)
+colours = image.getcolors(1 << 24)
+if len(top) < 2:
+    sys.exit("the top of the page is blank: the report did not render")
+if len(colours) < 200:
+    sys.exit(f"only {len(colours)} colours on the page: the embedded plots did not render")
+print(f"rendered: {width}x{height} px, {len(colours)} colours")
+PY
 echo "screenshot: $shot"

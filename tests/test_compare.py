@@ -10,7 +10,9 @@ import torch
 from lmrefinery.config import CompareConfig, validate_config
 from lmrefinery.config import DISTILL_METHODS, MIXTURE_METHODS
 from lmrefinery.evaluation.mcq import fit_temperature
+from lmrefinery.errors import UserError
 from lmrefinery.recipes import compare
+from lmrefinery.recipes.compare_methods import fill_budget
 from tests.helpers import run_cli, write_yaml
 
 pytest.importorskip("reasoning_gym")
@@ -59,7 +61,14 @@ def test_compare_reports_every_method_resumes_per_method_and_repeats_exactly(tmp
     selections = {n: results["mixture"][n]["examples_per_source"] for n in MIXTURE_METHODS}
     assert selections["uniform"] == selections["proportional"]
     assert selections["less"] != selections["uniform"] and selections["rho"] != selections["less"]
-    assert all(sum(s.values()) == 8 for s in selections.values())  # N = steps × batch for every method
+    budgets = {results["mixture"][n]["token_budget"] for n in MIXTURE_METHODS}
+    assert len(budgets) == 1  # one token budget for every method
+    for name in MIXTURE_METHODS:
+        result = results["mixture"][name]
+        assert result["sft_tokens"] <= result["token_budget"]
+        assert result["sft_examples"] == sum(result["examples_per_source"].values()) == 4 * result["sft_steps"]
+        written = (out / "mixture" / name / "selected.jsonl").read_text().splitlines()
+        assert len(written) == result["sft_examples"]
     assert results["distillation"]["sft_temperature"]["reuses_sft_model"] is True
 
     # Resume: a removed result is recomputed (equal numbers: deterministic), the others are read back untouched.
@@ -94,6 +103,15 @@ def test_compare_needs_a_step_budget_and_something_to_compare(tmp_path, tiny_mod
     assert "nothing to compare" in capsys.readouterr().err
 
 
+def test_fill_budget_takes_the_longest_prefix_within_the_budget_in_whole_batches():
+    lengths = [5, 3, 4, 6, 2, 9, 1]
+    assert fill_budget(lengths, 18, 1) == 4        # 5 + 3 + 4 + 6 = 18; adding 2 would exceed
+    assert fill_budget(lengths, 18, 3) == 3        # cut to whole batches of 3
+    assert fill_budget(lengths, 100, 2) == 6       # everything fits: 7 candidates → 3 batches of 2
+    with pytest.raises(UserError):
+        fill_budget(lengths, 4, 2)                 # not even one batch fits
+
+
 def test_post_hoc_temperature_recovers_the_temperature_that_generated_the_labels():
     generator = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(4000, 12, generator=generator)
@@ -108,3 +126,12 @@ def test_post_hoc_temperature_recovers_the_temperature_that_generated_the_labels
         return float(-torch.log_softmax(logits / t, dim=-1).gather(1, gold[:, None]).mean())
     dense = torch.linspace(1.5, 3.5, 2001).tolist()
     assert nll(fitted) <= min(nll(t) for t in dense) + 1e-9
+
+
+def test_a_changed_config_does_not_reuse_finished_methods(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "c"
+    (out).mkdir()
+    tree = compare_tree(out, tiny_model_dir)
+    (out / "config.yaml").write_text("seed: 1\n")  # what an earlier, different comparison left
+    assert run_cli("compare", "--config", str(write_yaml(tmp_path / "c.yaml", tree))) == 2
+    assert "different config" in capsys.readouterr().err

@@ -29,3 +29,24 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     resumed = load_file(str(tmp_path / "double" / "checkpoints" / "step-4" / "model.safetensors"))
     for name in final_single:
         torch.testing.assert_close(resumed[name], final_double[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["cache", "online"])
+def test_distill_two_processes_match_one(tmp_path, tiny_model_dir, mode):
+    """The shared loop under torchrun with the top-k cache loss (each rank reads its examples' cache rows) and with
+    online KD (each rank runs its own teacher replica): same losses and weights as one process."""
+    from tests.first_helpers import make_cache
+
+    cache = make_cache(tmp_path, tiny_model_dir)
+    config = {"cache": str(cache), "student": {"init": "keep-layers", "keep_layers": [1]},
+              "loss": {"mode": mode, "teacher_transform": "prob_temperature", "temperature": 0.5,
+                       "other_bucket": mode == "cache"},
+              "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-3, "warmup_steps": 0,
+                        "checkpoint_every": 3}}
+    single, double = run_one_and_two_processes(tmp_path, "distill", config)
+    assert losses(double) == pytest.approx(losses(single), abs=1e-5)
+    assert losses(single)[0] > 1e-3  # a real, non-zero distillation loss
+    final_single, final_double = final_weights(single, 3), final_weights(double, 3)
+    for name in final_single:
+        torch.testing.assert_close(final_double[name], final_single[name], atol=1e-4, rtol=0)

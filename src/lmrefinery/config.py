@@ -295,8 +295,11 @@ class MixtureCompareConfig(StrictModel):
     test: list[SourceConfig] = Field(min_length=1, description="The target's test set: conversations whose last "
                                                                 "turn is the reference answer.")
     max_length: int = Field(1024, ge=8)
-    num_examples: int | None = Field(None, ge=1, description="Size of every method's SFT set; default: "
-                                                              "train.steps × train.batch_size (one pass).")
+    token_budget: int | None = Field(None, ge=1, description="Tokens (prompt + response, as trained) in every "
+                                                              "method's SFT set; default: num_examples × the pool's "
+                                                              "mean example length.")
+    num_examples: int | None = Field(None, ge=1, description="Sets the default token budget; default: "
+                                                              "train.steps × train.batch_size.")
     exact_match: bool = Field(True, description="Also score greedy answers (reasoning-gym scorer or string match).")
     max_new_tokens: int = Field(16, ge=1)
     less: LESSConfig = LESSConfig()

@@ -132,8 +132,14 @@ def run(config: CompareConfig, resume: bool = False, isolate: bool = True) -> Pa
     """`isolate=False` runs every method in this process (tests of the orchestration only: memory is then shared)."""
     _check_budget(config)
     out = Path(config.output_dir)
+    resolved = dump_config(config)
+    previous = out / "config.yaml"
+    if previous.exists() and previous.read_text() != resolved:
+        # finished methods are read back, not rerun: they must have been measured under this very config
+        raise UserError(f"{previous}: {out} holds a comparison run with a different config; give a new "
+                        f"output_dir (or delete it)")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(config))
+    atomic_write_text(previous, resolved)
     if config.demo_data is not None:
         from lmrefinery.recipes import demo_data
         from lmrefinery.recipes.demo import PRESETS

@@ -12,6 +12,7 @@ import torch
 from lmrefinery.config import (CalibrateConfig, CompareConfig, DataConfig, DistillConfig, MixConfig, ReweightConfig,
                                SFTConfig)
 from lmrefinery.evaluation.mcq import answer_logits, fit_temperature, load_items, option_variants
+from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.recipes.stages import evaluate_answers, evaluate_mcq, run_stage
 
@@ -29,39 +30,83 @@ def _sft_examples(config: CompareConfig) -> int:
     return config.mixture.num_examples or config.train.steps * config.train.batch_size
 
 
-def _trained_tokens(run_dir: Path) -> int:
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return sum(int(s.get("supervised_tokens", 0)) for s in steps if "loss" in s and "event" not in s)
+def token_budget(config: CompareConfig, pool) -> int:
+    """Tokens every mixture method's SFT set may hold: `mixture.token_budget`, else N examples of the pool's mean
+    length (N = num_examples, default train.steps × train.batch_size)."""
+    if config.mixture.token_budget is not None:
+        return config.mixture.token_budget
+    mean_length = sum(len(e.input_ids) for e in pool.examples) / len(pool.examples)
+    return round(_sft_examples(config) * mean_length)
+
+
+def fill_budget(lengths: list[int], budget: int, batch_size: int) -> int:
+    """How many of the ordered candidates make the SFT set: the longest prefix within `budget` tokens, cut to whole
+    batches so that one pass of the SFT run sees each chosen example exactly once."""
+    total = count = 0
+    for length in lengths:
+        if total + length > budget:
+            break
+        total += length
+        count += 1
+    count -= count % batch_size
+    if count == 0:
+        raise UserError(f"mixture: a token budget of {budget} does not fit one batch of {batch_size} examples; "
+                        "raise mixture.token_budget (or mixture.num_examples)")
+    return count
 
 
 # ----------------------------------------------------------------------------------------------- mixture / selection
 
-def _sft_on(config: CompareConfig, directory: Path, data_path: Path, extra: dict | None = None) -> dict:
-    """The shared budget: SFT of the base model on the method's set, then the target's test metrics."""
+def _sft_on(config: CompareConfig, directory: Path, examples: list[dict], extra: dict | None = None) -> dict:
+    """The shared budget: one pass of SFT of the base model over the method's set, then the target's test metrics."""
     from lmrefinery.recipes import sft
 
     mixture = config.mixture
+    data_path = directory / "selected.jsonl"
+    atomic_write_text(data_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in examples))
+    steps = len(examples) // config.train.batch_size
     run_dir = directory / "sft"
     run_stage(sft, SFTConfig, {
         "output_dir": str(run_dir), "seed": config.seed, "model": config.model.model_dump(),
         "data": {"sources": [{"name": "selected", "path": str(data_path)}], "max_length": mixture.max_length},
-        "train": _budget(config)}, run_dir / "summary.json", run_dir)
+        "train": _budget(config) | {"steps": steps, "checkpoint_every": steps}}, run_dir / "summary.json", run_dir)
     metrics = evaluate_answers(directory / "eval", run_dir / "model", _dump_sources(mixture.test),
                                mixture.max_length, mixture.exact_match, mixture.max_new_tokens)
-    metrics["trained_tokens"] = _trained_tokens(run_dir)
-    return metrics | (extra or {})
+    counts: dict[str, int] = {s.name: 0 for s in mixture.sources}
+    for record in examples:
+        counts[record["source"]] += 1
+    return metrics | {"sft_examples": len(examples), "sft_steps": steps, "examples_per_source": counts} | (extra or {})
+
+
+def _lengths(config: CompareConfig, records: list[dict], directory: Path) -> list[int]:
+    """Token count of each record exactly as SFT will see it (same template, same max_length)."""
+    from lmrefinery.recipes.common import load_data
+
+    path = directory / "candidates.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    _, pool, _ = load_data(config.model, DataConfig(sources=[{"name": "candidates", "path": str(path)}],
+                                                    max_length=config.mixture.max_length))
+    path.unlink()
+    return [len(e.input_ids) for e in pool.examples]
 
 
 def _mix_and_sft(config: CompareConfig, directory: Path, weights) -> dict:
+    """Draw a weighted mixture larger than needed (doubling until it holds the budget), keep its budget prefix."""
     from lmrefinery.recipes import mix
 
-    mix_dir = directory / "mix"
-    run_stage(mix, MixConfig, {"output_dir": str(mix_dir), "sources": _dump_sources(config.mixture.sources),
-                               "weights": weights, "num_examples": _sft_examples(config), "seed": config.seed},
-              mix_dir / "manifest.json")
-    manifest = json.loads((mix_dir / "manifest.json").read_text())
-    return _sft_on(config, directory, mix_dir / "mix.jsonl",
-                   {"examples_per_source": {k: v["count"] for k, v in manifest["sources"].items()}})
+    budget = token_budget(config, _load_pools(config)[1])
+    draw = 2 * _sft_examples(config)
+    while True:
+        mix_dir = directory / "mix"
+        mix.run(MixConfig(output_dir=str(mix_dir), sources=config.mixture.sources, weights=weights,
+                          num_examples=draw, seed=config.seed))
+        records = [json.loads(line) for line in (mix_dir / "mix.jsonl").read_text().splitlines()]
+        lengths = _lengths(config, records, directory)
+        if sum(lengths) > budget:
+            break
+        draw *= 2
+    chosen = records[: fill_budget(lengths, budget, config.train.batch_size)]
+    return _sft_on(config, directory, chosen, {"token_budget": budget, "sft_tokens": sum(lengths[: len(chosen)])})
 
 
 def uniform(config: CompareConfig, directory: str) -> dict:
@@ -84,27 +129,23 @@ def _load_pools(config: CompareConfig):
     return tokenizer, pool, extras["validation"]
 
 
-def write_selection(config: CompareConfig, pool, scores: torch.Tensor, directory: Path) -> None:
-    """Keep the N highest-scoring examples; write them (as conversations) and every example's score."""
+def select_within_budget(config: CompareConfig, pool, scores: torch.Tensor, directory: Path) -> tuple[list, dict]:
+    """The highest-scoring examples that fit the token budget (whole batches); writes every example's score."""
     from lmrefinery.recipes.mix import source_conversations
-    from lmrefinery.selection import top_count
 
-    chosen = top_count(scores, min(_sft_examples(config), len(pool.examples)))
+    budget = token_budget(config, pool)
+    order = torch.argsort(-scores.double(), stable=True).tolist()  # ties: the lower index first
+    count = fill_budget([len(pool.examples[i].input_ids) for i in order], budget, config.train.batch_size)
+    chosen = order[:count]
     conversations = {s.name: source_conversations(s, "error") for s in config.mixture.sources}
     selected = set(chosen)
-    rows, records = [], []
-    for index, example in enumerate(pool.examples):
-        source = pool.names[example.source_id]
-        rows.append({"source": source, "record": example.record, "score": float(scores[index]),
-                     "selected": index in selected})
-    for index in chosen:
-        example = pool.examples[index]
-        source = pool.names[example.source_id]
-        records.append({**conversations[source][example.record], "source": source})
+    rows = [{"source": pool.names[e.source_id], "record": e.record, "score": float(scores[i]),
+             "selected": i in selected} for i, e in enumerate(pool.examples)]
+    records = [{**conversations[pool.names[pool.examples[i].source_id]][pool.examples[i].record],
+                "source": pool.names[pool.examples[i].source_id]} for i in chosen]
     random.Random(config.seed).shuffle(records)
     atomic_write_text(directory / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_text(directory / "selected.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records, {"token_budget": budget, "sft_tokens": sum(len(pool.examples[i].input_ids) for i in chosen)}
 
 
 def less_scores(config: CompareConfig, model, pool, validation, pad_id: int) -> torch.Tensor:
@@ -114,8 +155,10 @@ def less_scores(config: CompareConfig, model, pool, validation, pad_id: int) -> 
     parameters = last_block_parameters(model, settings.layers)
     sketch = CountSketch([p.numel() for p in parameters], settings.dim, config.seed, parameters[0].device)
     precision = config.model.precision
-    train_features = gradient_features(model, pool, sketch, parameters, precision, pad_id)
-    validation_features = gradient_features(model, validation, sketch, parameters, precision, pad_id)
+    progress = _progress(len(pool.examples) + len(validation.examples), "LESS gradient features")
+    train_features = gradient_features(model, pool, sketch, parameters, precision, pad_id, progress)
+    validation_features = gradient_features(model, validation, sketch, parameters, precision, pad_id, progress)
+    progress.close()
     return cosine_to_mean(train_features, validation_features)
 
 
@@ -124,12 +167,11 @@ def less(config: CompareConfig, directory: str) -> dict:
 
     directory = Path(directory)
     tokenizer, pool, validation = _load_pools(config)
-    if not (directory / "selected.jsonl").exists():
-        model = load_model(config.model, _device())
-        scores = less_scores(config, model, pool, validation, tokenizer.pad_token_id)
-        del model
-        write_selection(config, pool, scores, directory)
-    return _sft_on(config, directory, directory / "selected.jsonl", _selection_summary(pool, directory))
+    model = load_model(config.model, _device())
+    scores = less_scores(config, model, pool, validation, tokenizer.pad_token_id)
+    del model
+    records, budget = select_within_budget(config, pool, scores, directory)
+    return _sft_on(config, directory, records, budget)
 
 
 def rho(config: CompareConfig, directory: str) -> dict:
@@ -148,15 +190,16 @@ def rho(config: CompareConfig, directory: str) -> dict:
         "train": _budget(config) | {"steps": mixture.rho.reference_steps, "lr": mixture.rho.reference_lr,
                                     "checkpoint_every": mixture.rho.reference_steps}},
         reference_dir / "summary.json", reference_dir)
-    if not (directory / "selected.jsonl").exists():
-        losses = {}
-        for role, source in (("current", config.model), ("reference", config.model.model_copy(
-                update={"name_or_path": str(reference_dir / "model")}))):
-            model = load_model(source, _device())
-            losses[role] = example_losses(model, pool, 8, config.model.precision, tokenizer.pad_token_id)
-            del model
-        write_selection(config, pool, losses["current"] - losses["reference"], directory)
-    return _sft_on(config, directory, directory / "selected.jsonl", _selection_summary(pool, directory))
+    losses = {}
+    progress = _progress(2 * -(-len(pool.examples) // 8), "RHO excess loss")
+    for role, source in (("current", config.model), ("reference", config.model.model_copy(
+            update={"name_or_path": str(reference_dir / "model")}))):
+        model = load_model(source, _device())
+        losses[role] = example_losses(model, pool, 8, config.model.precision, tokenizer.pad_token_id, progress)
+        del model
+    progress.close()
+    records, budget = select_within_budget(config, pool, losses["current"] - losses["reference"], directory)
+    return _sft_on(config, directory, records, budget)
 
 
 def scalebio(config: CompareConfig, directory: str) -> dict:
@@ -174,16 +217,14 @@ def scalebio(config: CompareConfig, directory: str) -> dict:
     return _mix_and_sft(config, directory, str(run_dir / "weights.json")) | {"weights": weights}
 
 
-def _selection_summary(pool, directory: Path) -> dict:
-    counts = dict.fromkeys(pool.names, 0)
-    for line in (directory / "scores.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        counts[row["source"]] += row["selected"]
-    return {"examples_per_source": counts}
-
-
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _progress(total: int, description: str):
+    from lmrefinery.train.distributed import DistEnv, progress_bar
+
+    return progress_bar(DistEnv(), total, description)
 
 
 MIXTURE = {"uniform": uniform, "proportional": proportional, "less": less, "rho": rho, "scalebio": scalebio}

@@ -11,7 +11,8 @@ from lmrefinery.plots import bar_panels
 # (column title, result key, format)
 MIXTURE_COLUMNS = [("test loss", "test_loss", ".4f"), ("exact match", "exact_match", ".3f"),
                    ("token accuracy", "token_accuracy", ".3f"), ("token ECE", "token_ece", ".4f"),
-                   ("token Brier", "token_brier", ".4f"), ("trained tokens", "trained_tokens", "d")]
+                   ("token Brier", "token_brier", ".4f"), ("SFT examples", "sft_examples", "d"),
+                   ("SFT steps", "sft_steps", "d"), ("SFT tokens", "sft_tokens", "d")]
 DISTILLATION_COLUMNS = [("accuracy", "accuracy", ".3f"), ("ECE", "ece", ".4f"), ("Brier", "brier", ".4f"),
                         ("NLL", "nll", ".4f"), ("option accuracy", "option_accuracy", ".3f"),
                         ("option ECE", "option_ece", ".4f")]
@@ -53,18 +54,24 @@ def _plot(path: Path, results: dict, panels: dict, title: str) -> None:
 def write_report(out: Path, config, results: dict) -> str:
     budget = config.train
     lines = [f"# lmrefinery compare — {config.model.name_or_path}", "",
-             f"One budget for every method: {budget.steps} optimizer steps × {budget.batch_size} examples, lr "
-             f"{budget.lr:g} ({budget.schedule}), seed {config.seed}. Wall time and peak memory are each method's own "
-             "process (peak memory: resident set on CPU, allocated memory on a GPU).", ""]
+             f"Every method: seed {config.seed}, batch {budget.batch_size}, lr {budget.lr:g} ({budget.schedule}). "
+             "Wall time and peak memory are each method's own process (peak memory: resident set on CPU, allocated "
+             "memory on a GPU).", ""]
     if results["mixture"]:
         mixture = results["mixture"]
-        lines += ["## Data mixture and selection", "", *_table(mixture, MIXTURE_COLUMNS), "",
+        budget_tokens = next(iter(mixture.values()))["token_budget"]
+        lines += ["## Data mixture and selection", "",
+                  f"Every method's SFT set holds at most {budget_tokens} tokens (prompt + response), in whole batches "
+                  f"of {budget.batch_size}; SFT makes one pass over it (so the steps differ with example lengths).", "",
+                  *_table(mixture, MIXTURE_COLUMNS), "",
                   "Examples per source in each method's SFT set:", "", *_selection_table(mixture), "",
                   "![mixture methods](plots/compare-mixture.png)", ""]
         _plot(out / "plots" / "compare-mixture.png", mixture, MIXTURE_PLOT, "Data mixture / selection")
     if results["distillation"]:
         distillation = results["distillation"]
-        lines += ["## Distillation", "", *_table(distillation, DISTILLATION_COLUMNS), "",
+        lines += ["## Distillation", "",
+                  f"Every student: the same init, the same data, {budget.steps} optimizer steps.", "",
+                  *_table(distillation, DISTILLATION_COLUMNS), "",
                   "Accuracy, ECE, Brier and NLL are the full-vocabulary view (the top-1 next token must be the gold "
                   "letter); the option columns renormalise over the option letters.", ""]
         if distillation.get("sft_temperature", {}).get("reuses_sft_model"):
