@@ -335,8 +335,9 @@ class CompareConfig(StrictModel):
     output_dir: str = "compare-out"
     seed: int = 0
     model: ModelConfig = Field(description="The model every mixture method fine-tunes (the base model).")
-    train: TrainConfig = Field(TrainConfig(), description="The one budget: every method's SFT or distillation uses "
-                                                          "these steps, batch, learning rate and schedule.")
+    train: TrainConfig = Field(TrainConfig(), description="Shared by every method: batch, learning rate, schedule; "
+                                                          "steps of the students (and the default mixture token "
+                                                          "budget).")
     mixture: MixtureCompareConfig | None = None
     distillation: DistillCompareConfig | None = None
     demo_data: Literal["quick", "default"] | None = Field(

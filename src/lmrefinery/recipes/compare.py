@@ -1,8 +1,9 @@
 """`lmrefinery compare`: the papers' baselines side by side, under one budget, on one test.
 
-Mixture / selection (each makes an SFT set of N examples from the same pool, then the same SFT run):
+Mixture / selection (each makes an SFT set within one token budget from the same pool, then one pass of the same
+SFT settings over it):
     uniform        equal weight per source                  proportional   weight ∝ source size
-    less           top-N by LESS-style gradient similarity   rho            top-N by RHO-style excess loss
+    less           best by LESS-style gradient similarity    rho            best by RHO-style excess loss
     scalebio       `reweight`, then `mix` with the learned weights
   each evaluated on the target's test set: loss, exact-match accuracy, token-level ECE and Brier.
 Distillation (the same keep-layers student init, the same steps, batch and learning rate):
@@ -10,8 +11,8 @@ Distillation (the same keep-layers student init, the same steps, batch and learn
     no re-calibration), topk_kd_other (+ other bucket), online_kd (full vocabulary, live teacher), first
   each evaluated on the test MCQ items: accuracy, ECE, Brier, NLL (full-vocabulary view, the papers' definition).
 
-Stages that several methods need (teacher fine-tuning, teacher caches, the student init, the RHO reference model is
-per-method) run once in this process. Each method runs in its own fresh process, so its wall time and peak memory
+Stages that several distillation methods need (teacher fine-tuning, teacher caches, the student init) run once, in
+this process. Each method runs in its own fresh process, so its wall time and peak memory
 are its own; its result.json marks it complete, so an interrupted comparison resumes with the next method.
 """
 
