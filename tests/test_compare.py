@@ -101,6 +101,10 @@ def test_compare_needs_a_step_budget_and_something_to_compare(tmp_path, tiny_mod
     bare = {"model": {"name_or_path": str(tiny_model_dir)}}
     assert run_cli("compare", "--config", str(write_yaml(tmp_path / "d.yaml", bare))) == 2
     assert "nothing to compare" in capsys.readouterr().err
+    modelless = compare_tree(tmp_path / "e", tiny_model_dir)
+    modelless.pop("model")
+    assert run_cli("compare", "--config", str(write_yaml(tmp_path / "e.yaml", modelless))) == 2
+    assert "needs `model`" in capsys.readouterr().err
 
 
 def test_fill_budget_takes_the_longest_prefix_within_the_budget_in_whole_batches():

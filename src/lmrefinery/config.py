@@ -334,7 +334,8 @@ class DistillCompareConfig(StrictModel):
 class CompareConfig(StrictModel):
     output_dir: str = "compare-out"
     seed: int = 0
-    model: ModelConfig = Field(description="The model every mixture method fine-tunes (the base model).")
+    model: ModelConfig | None = Field(None, description="The base model every mixture method fine-tunes (required "
+                                                         "with a `mixture` section).")
     train: TrainConfig = Field(TrainConfig(), description="Shared by every method: batch, learning rate, schedule; "
                                                           "steps of the students (and the default mixture token "
                                                           "budget).")
@@ -368,6 +369,8 @@ class CompareConfig(StrictModel):
     def _something_to_compare(self) -> "CompareConfig":
         if self.mixture is None and self.distillation is None:
             raise ValueError("nothing to compare: give a `mixture` section, a `distillation` section, or both")
+        if self.mixture is not None and self.model is None:
+            raise ValueError("a `mixture` comparison needs `model` (the base model each method fine-tunes)")
         return self
 
 

@@ -53,7 +53,8 @@ def _plot(path: Path, results: dict, panels: dict, title: str) -> None:
 
 def write_report(out: Path, config, results: dict) -> str:
     budget = config.train
-    lines = [f"# lmrefinery compare — {config.model.name_or_path}", "",
+    title = config.model.name_or_path if config.model is not None else config.distillation.teacher.name_or_path
+    lines = [f"# lmrefinery compare — {title}", "",
              f"Every method: seed {config.seed}, batch {budget.batch_size}, lr {budget.lr:g} ({budget.schedule}). "
              "Wall time and peak memory are each method's own process (peak memory: resident set on CPU, allocated "
              "memory on a GPU).", ""]
@@ -85,6 +86,6 @@ def write_report(out: Path, config, results: dict) -> str:
         _plot(out / "plots" / "compare-distillation.png", distillation, DISTILLATION_PLOT, "Distillation")
     text = "\n".join(lines)
     atomic_write_text(out / "results.md", text)
-    atomic_write_json(out / "results.json", {"model": config.model.name_or_path, "seed": config.seed,
+    atomic_write_json(out / "results.json", {"model": title, "seed": config.seed,
                                              "budget": budget.model_dump(mode="json"), **results})
     return text
