@@ -139,3 +139,21 @@ def test_a_changed_config_does_not_reuse_finished_methods(tmp_path, tiny_model_d
     (out / "config.yaml").write_text("seed: 1\n")  # what an earlier, different comparison left
     assert run_cli("compare", "--config", str(write_yaml(tmp_path / "c.yaml", tree))) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_a_stage_interrupted_before_its_first_checkpoint_starts_afresh(tmp_path, tiny_model_dir):
+    """compare and demo checkpoint a short SFT only at its end: a run killed before that leaves a run directory
+    without checkpoints, which a rerun must replace rather than refuse."""
+    from lmrefinery.config import SFTConfig
+    from lmrefinery.recipes import sft
+    from lmrefinery.recipes.stages import run_stage
+    from tests.helpers import losses, sft_config
+
+    tree = sft_config(tmp_path, tiny_model_dir, steps=2, checkpoint_every=2)
+    run_dir = tmp_path / "run"
+    tree["output_dir"] = str(run_dir)
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "event": "start"}\n{"step": 1, "loss": 99.0}\n')
+    run_stage(sft, SFTConfig, tree, run_dir / "summary.json", run_dir)
+    assert (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
+    assert len(losses(run_dir)) == 2 and 99.0 not in losses(run_dir)

@@ -77,19 +77,22 @@ class TokenCalibration:
         self.correct_sums = torch.zeros_like(self.counts)
         self.brier_sum = torch.zeros(1, dtype=torch.float64, device=device)
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> None:
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
-        probabilities = torch.softmax(logits[:, :-1][supervised].float(), dim=-1)
-        gold = targets[supervised]
-        confidence, predicted = probabilities.max(dim=-1)
-        gold_probability = probabilities.gather(1, gold[:, None]).squeeze(1)
-        # Σ_v (p_v − 1[v = gold])² = Σ_v p_v² − 2·p_gold + 1
-        self.brier_sum += (probabilities.square().sum(dim=-1) - 2 * gold_probability + 1).double().sum()
-        bins = torch.as_tensor(bin_indices(confidence, self.n_bins), device=self.counts.device)
-        self.counts.index_add_(0, bins, torch.ones_like(confidence, dtype=torch.float64))
-        self.confidence_sums.index_add_(0, bins, confidence.double())
-        self.correct_sums.index_add_(0, bins, (predicted == gold).double())
+        positions, gold_ids = logits[:, :-1][supervised], targets[supervised]
+        # Positions in chunks: a full-vocabulary fp32 softmax of a whole batch would dwarf the model's own memory.
+        for start in range(0, len(gold_ids), chunk):
+            probabilities = torch.softmax(positions[start: start + chunk].float(), dim=-1)
+            gold = gold_ids[start: start + chunk]
+            confidence, predicted = probabilities.max(dim=-1)
+            gold_probability = probabilities.gather(1, gold[:, None]).squeeze(1)
+            # Σ_v (p_v − 1[v = gold])² = Σ_v p_v² − 2·p_gold + 1
+            self.brier_sum += (probabilities.square().sum(dim=-1) - 2 * gold_probability + 1).double().sum()
+            bins = torch.as_tensor(bin_indices(confidence, self.n_bins), device=self.counts.device)
+            self.counts.index_add_(0, bins, torch.ones_like(confidence, dtype=torch.float64))
+            self.confidence_sums.index_add_(0, bins, confidence.double())
+            self.correct_sums.index_add_(0, bins, (predicted == gold).double())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.counts, self.confidence_sums, self.correct_sums, self.brier_sum

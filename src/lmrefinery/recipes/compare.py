@@ -109,10 +109,23 @@ def _shared_distillation_stages(config: CompareConfig, out: Path) -> dict:
                                            "model": {"name_or_path": teacher_model}, "data": data,
                                            "k": distillation.k}, out / stage / "manifest.json")
         timings[f"teacher cache ({stage.removeprefix('cache-')})"] = time.perf_counter() - start
-    save_student_init(teacher_model, out / "student-init", distillation.student)
+    if distillation.student.init == "model":  # every method starts from the given student
+        student_init = distillation.student.name_or_path
+    else:
+        student_init = str(save_student_init(teacher_model, out / "student-init", distillation.student))
+    _release_accelerator_memory()  # the methods run in their own processes: leave them the whole device
     return {"teacher": teacher_model, "cache_train": str(out / "cache-train"),
-            "cache_validation": str(out / "cache-validation"), "student_init": str(out / "student-init"),
-            "timings_s": timings}
+            "cache_validation": str(out / "cache-validation"), "student_init": student_init, "timings_s": timings}
+
+
+def _release_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _distillation(config: CompareConfig, out: Path, isolate: bool) -> tuple[dict, dict]:

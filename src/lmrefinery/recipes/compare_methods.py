@@ -91,18 +91,27 @@ def _lengths(config: CompareConfig, records: list[dict], directory: Path) -> lis
 
 
 def _mix_and_sft(config: CompareConfig, directory: Path, weights) -> dict:
-    """Draw a weighted mixture larger than needed (doubling until it holds the budget), keep its budget prefix."""
+    """Draw a weighted mixture larger than needed, keep each example's first draw (a larger draw falls back to
+    drawing with replacement sooner), and keep the budget prefix. The draw doubles until the unique examples hold
+    the budget or the pool is exhausted."""
     from lmrefinery.recipes import mix
 
-    budget = token_budget(config, _load_pools(config)[1])
+    pool = _load_pools(config)[1]
+    budget = token_budget(config, pool)
     draw = 2 * _sft_examples(config)
     while True:
         mix_dir = directory / "mix"
         mix.run(MixConfig(output_dir=str(mix_dir), sources=config.mixture.sources, weights=weights,
                           num_examples=draw, seed=config.seed))
-        records = [json.loads(line) for line in (mix_dir / "mix.jsonl").read_text().splitlines()]
+        drawn = [json.loads(line) for line in (mix_dir / "mix.jsonl").read_text().splitlines()]
+        seen, records = set(), []
+        for record in drawn:
+            key = json.dumps(record, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
         lengths = _lengths(config, records, directory)
-        if sum(lengths) > budget:
+        if sum(lengths) > budget or draw > 8 * len(pool.examples):
             break
         draw *= 2
     chosen = records[: fill_budget(lengths, budget, config.train.batch_size)]
@@ -127,6 +136,17 @@ def _load_pools(config: CompareConfig):
     data = DataConfig(sources=mixture.sources, max_length=mixture.max_length)
     tokenizer, pool, extras = load_data(config.model, data, {"validation": mixture.validation})
     return tokenizer, pool, extras["validation"]
+
+
+def saved_scores(directory: Path, pool) -> torch.Tensor | None:
+    """The scores an interrupted run of this method already wrote (scoring is the expensive part), if complete."""
+    path = directory / "scores.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if len(rows) != len(pool.examples):
+        return None
+    return torch.tensor([row["score"] for row in rows], dtype=torch.float64)
 
 
 def select_within_budget(config: CompareConfig, pool, scores: torch.Tensor, directory: Path) -> tuple[list, dict]:
@@ -167,9 +187,11 @@ def less(config: CompareConfig, directory: str) -> dict:
 
     directory = Path(directory)
     tokenizer, pool, validation = _load_pools(config)
-    model = load_model(config.model, _device())
-    scores = less_scores(config, model, pool, validation, tokenizer.pad_token_id)
-    del model
+    scores = saved_scores(directory, pool)
+    if scores is None:
+        model = load_model(config.model, _device())
+        scores = less_scores(config, model, pool, validation, tokenizer.pad_token_id)
+        del model
     records, budget = select_within_budget(config, pool, scores, directory)
     return _sft_on(config, directory, records, budget)
 
@@ -190,15 +212,18 @@ def rho(config: CompareConfig, directory: str) -> dict:
         "train": _budget(config) | {"steps": mixture.rho.reference_steps, "lr": mixture.rho.reference_lr,
                                     "checkpoint_every": mixture.rho.reference_steps}},
         reference_dir / "summary.json", reference_dir)
-    losses = {}
-    progress = _progress(2 * -(-len(pool.examples) // 8), "RHO excess loss")
-    for role, source in (("current", config.model), ("reference", config.model.model_copy(
-            update={"name_or_path": str(reference_dir / "model")}))):
-        model = load_model(source, _device())
-        losses[role] = example_losses(model, pool, 8, config.model.precision, tokenizer.pad_token_id, progress)
-        del model
-    progress.close()
-    records, budget = select_within_budget(config, pool, losses["current"] - losses["reference"], directory)
+    scores = saved_scores(directory, pool)
+    if scores is None:
+        losses = {}
+        progress = _progress(2 * -(-len(pool.examples) // 8), "RHO excess loss")
+        for role, source in (("current", config.model), ("reference", config.model.model_copy(
+                update={"name_or_path": str(reference_dir / "model")}))):
+            model = load_model(source, _device())
+            losses[role] = example_losses(model, pool, 8, config.model.precision, tokenizer.pad_token_id, progress)
+            del model
+        progress.close()
+        scores = losses["current"] - losses["reference"]
+    records, budget = select_within_budget(config, pool, scores, directory)
     return _sft_on(config, directory, records, budget)
 
 
@@ -257,7 +282,8 @@ def _student_sft(config: CompareConfig, shared: dict, run_dir: Path, label_smoot
     run_stage(sft, SFTConfig, {
         "output_dir": str(run_dir), "seed": config.seed,
         "model": {"name_or_path": shared["student_init"], "precision": distillation.student.precision,
-                  "attn_implementation": distillation.student.attn_implementation},
+                  "attn_implementation": distillation.student.attn_implementation,
+                  "gradient_checkpointing": distillation.student.gradient_checkpointing},
         "data": {"sources": _dump_sources(distillation.train), "max_length": distillation.max_length},
         "train": _budget(config), "label_smoothing": label_smoothing}, run_dir / "summary.json", run_dir)
     return run_dir / "model"

@@ -14,11 +14,15 @@ log = logging.getLogger(__name__)
 
 
 def run_stage(recipe, config_class, tree: dict, done: Path, resume_from: Path | None = None) -> None:
-    """Run one stage unless `done` exists; resume it when an interrupted run left checkpoints."""
+    """Run one stage unless `done` exists. An interrupted stage resumes from its checkpoints (or, for a teacher
+    cache, its finished shards); one interrupted before any of those is started afresh."""
     if done.exists():
         log.info("stage %s: already complete", tree["output_dir"])
         return
-    resume = resume_from is not None and (resume_from / "checkpoints").exists()
+    output = Path(tree["output_dir"])
+    resume = (resume_from is not None and (resume_from / "checkpoints").exists()) or any(output.glob("shard-*"))
+    if output.exists() and not resume:
+        shutil.rmtree(output)  # nothing to resume from: a partial run directory would only be refused
     recipe.run(validate_config(config_class, tree), resume=resume)
     if resume_from is not None:  # finished: its checkpoints only served resuming (they hold GBs of optimizer state)
         shutil.rmtree(resume_from / "checkpoints", ignore_errors=True)
