@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lmrefinery.config import CompareConfig, validate_config
-from lmrefinery.config import DISTILL_METHODS, MIXTURE_METHODS
+from lmrefinery.compare_config import DISTILL_METHODS, MIXTURE_METHODS, CompareConfig
+from lmrefinery.config import validate_config
 from lmrefinery.evaluation.mcq import fit_temperature
 from lmrefinery.errors import UserError
 from lmrefinery.recipes import compare

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmrefinery import config as config_module
-from lmrefinery.cli import COMMANDS
+from lmrefinery.cli import COMMANDS, config_class
 from lmrefinery.config import SFTConfig, apply_override, load_config
 from lmrefinery.errors import UserError
 from tests.helpers import run_cli, sft_config, write_yaml
@@ -26,8 +25,7 @@ def test_configs_are_shipped():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    config_class = getattr(config_module, COMMANDS[_command_of(path)][1])
-    load_config(config_class, path)
+    load_config(config_class(_command_of(path)), path)
 
 
 def test_overrides_reach_nested_keys_and_list_items(tmp_path):

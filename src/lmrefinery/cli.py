@@ -14,7 +14,7 @@ import sys
 from lmrefinery import __version__
 from lmrefinery.errors import TrainingDiverged, UserError
 
-# command → (recipe module, config class name, one-line help)
+# command → (recipe module, config class: a name in lmrefinery.config or a dotted path, one-line help)
 COMMANDS = {
     "sft": ("lmrefinery.recipes.sft", "SFTConfig", "fine-tune on one or several sources with a chosen sampling"),
     "reweight": ("lmrefinery.recipes.reweight", "ReweightConfig", "learn per-source data weights with ScaleBiO"),
@@ -24,8 +24,14 @@ COMMANDS = {
     "distill": ("lmrefinery.recipes.distill", "DistillConfig", "distil a student from the top-k cache (FIRST)"),
     "evaluate": ("lmrefinery.recipes.evaluate", "EvaluateConfig", "held-out loss per source, or MCQ accuracy and calibration"),
     "demo": ("lmrefinery.recipes.demo", "DemoConfig", "the whole story on the embedded default model and data"),
-    "compare": ("lmrefinery.recipes.compare", "CompareConfig", "the papers' baselines side by side under one budget"),
+    "compare": ("lmrefinery.recipes.compare", "lmrefinery.compare_config.CompareConfig", "the papers' baselines side by side under one budget"),
 }
+
+
+def config_class(command: str) -> type:
+    location = COMMANDS[command][1]
+    module_name, _, class_name = location.rpartition(".")
+    return getattr(importlib.import_module(module_name or "lmrefinery.config"), class_name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,15 +62,15 @@ def configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging()
-    from lmrefinery import config as config_module
+    from lmrefinery.config import load_config
 
-    module_name, config_class, _ = COMMANDS[args.command]
+    module_name, _, _ = COMMANDS[args.command]
     overrides = list(args.overrides)
     for flag in ("task", "preset"):
         if getattr(args, flag, None):
             overrides.append(f"{flag}={getattr(args, flag)}")
     try:
-        config = config_module.load_config(getattr(config_module, config_class), args.config, overrides)
+        config = load_config(config_class(args.command), args.config, overrides)
         importlib.import_module(module_name).run(config, resume=args.resume)
     except UserError as exc:
         print(f"lmrefinery {args.command}: error: {exc}", file=sys.stderr)

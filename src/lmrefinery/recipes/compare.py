@@ -25,7 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from lmrefinery.config import CompareConfig, SFTConfig, TeacherConfig, dump_config
+from lmrefinery.compare_config import CompareConfig
+from lmrefinery.config import SFTConfig, TeacherConfig, dump_config
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.recipes import compare_methods as methods
@@ -37,15 +38,13 @@ log = logging.getLogger(__name__)
 
 def _in_child(function, *args) -> dict:
     """Runs in the method's own process: the result plus the process's wall time and peak memory."""
-    import torch
-
     from lmrefinery.cli import configure_logging
     from lmrefinery.train.precision import peak_memory_bytes
 
     configure_logging()
     start = time.perf_counter()
     result = function(*args)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = methods.device()
     result.update(wall_s=time.perf_counter() - start, peak_memory_bytes=peak_memory_bytes(device),
                   peak_memory_kind="accelerator allocated" if device.type == "cuda" else "process resident set")
     return result

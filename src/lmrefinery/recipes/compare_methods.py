@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from lmrefinery.config import (CalibrateConfig, CompareConfig, DataConfig, DistillConfig, MixConfig, ReweightConfig,
-                               SFTConfig)
+from lmrefinery.compare_config import CompareConfig
+from lmrefinery.config import CalibrateConfig, DataConfig, DistillConfig, MixConfig, ReweightConfig, SFTConfig
 from lmrefinery.evaluation.mcq import answer_logits, fit_temperature, load_items, option_variants
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
@@ -78,16 +78,17 @@ def _sft_on(config: CompareConfig, directory: Path, examples: list[dict], extra:
     return metrics | {"sft_examples": len(examples), "sft_steps": steps, "examples_per_source": counts} | (extra or {})
 
 
-def _lengths(config: CompareConfig, records: list[dict], directory: Path) -> list[int]:
-    """Token count of each record exactly as SFT will see it (same template, same max_length)."""
-    from lmrefinery.recipes.common import load_data
+def _pool_records(config: CompareConfig, pool) -> list[dict]:
+    """Each pool example's record as a conversation tagged with its source (the form `mix` writes and SFT reads)."""
+    from lmrefinery.recipes.mix import source_conversations
 
-    path = directory / "candidates.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _, pool, _ = load_data(config.model, DataConfig(sources=[{"name": "candidates", "path": str(path)}],
-                                                    max_length=config.mixture.max_length))
-    path.unlink()
-    return [len(e.input_ids) for e in pool.examples]
+    conversations = {s.name: source_conversations(s, "error") for s in config.mixture.sources}
+    return [{**conversations[pool.names[e.source_id]][e.record], "source": pool.names[e.source_id]}
+            for e in pool.examples]
+
+
+def _record_key(record: dict) -> str:
+    return json.dumps(record, sort_keys=True)
 
 
 def _mix_and_sft(config: CompareConfig, directory: Path, weights) -> dict:
@@ -98,19 +99,19 @@ def _mix_and_sft(config: CompareConfig, directory: Path, weights) -> dict:
 
     pool = _load_pools(config)[1]
     budget = token_budget(config, pool)
+    # token counts come from the pool, tokenised exactly as SFT will see the records
+    length_of = {_record_key(r): len(e.input_ids) for r, e in zip(_pool_records(config, pool), pool.examples)}
     draw = 2 * _sft_examples(config)
     while True:
         mix_dir = directory / "mix"
         mix.run(MixConfig(output_dir=str(mix_dir), sources=config.mixture.sources, weights=weights,
                           num_examples=draw, seed=config.seed))
         drawn = [json.loads(line) for line in (mix_dir / "mix.jsonl").read_text().splitlines()]
-        seen, records = set(), []
+        first_draws: dict[str, dict] = {}
         for record in drawn:
-            key = json.dumps(record, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                records.append(record)
-        lengths = _lengths(config, records, directory)
+            first_draws.setdefault(_record_key(record), record)
+        records = list(first_draws.values())
+        lengths = [length_of[_record_key(r)] for r in records]
         if sum(lengths) > budget or draw > 8 * len(pool.examples):
             break
         draw *= 2
@@ -151,18 +152,15 @@ def saved_scores(directory: Path, pool) -> torch.Tensor | None:
 
 def select_within_budget(config: CompareConfig, pool, scores: torch.Tensor, directory: Path) -> tuple[list, dict]:
     """The highest-scoring examples that fit the token budget (whole batches); writes every example's score."""
-    from lmrefinery.recipes.mix import source_conversations
-
     budget = token_budget(config, pool)
     order = torch.argsort(-scores.double(), stable=True).tolist()  # ties: the lower index first
     count = fill_budget([len(pool.examples[i].input_ids) for i in order], budget, config.train.batch_size)
     chosen = order[:count]
-    conversations = {s.name: source_conversations(s, "error") for s in config.mixture.sources}
     selected = set(chosen)
     rows = [{"source": pool.names[e.source_id], "record": e.record, "score": float(scores[i]),
              "selected": i in selected} for i, e in enumerate(pool.examples)]
-    records = [{**conversations[pool.names[pool.examples[i].source_id]][pool.examples[i].record],
-                "source": pool.names[pool.examples[i].source_id]} for i in chosen]
+    pool_records = _pool_records(config, pool)
+    records = [pool_records[i] for i in chosen]
     random.Random(config.seed).shuffle(records)
     atomic_write_text(directory / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return records, {"token_budget": budget, "sft_tokens": sum(len(pool.examples[i].input_ids) for i in chosen)}
@@ -189,7 +187,7 @@ def less(config: CompareConfig, directory: str) -> dict:
     tokenizer, pool, validation = _load_pools(config)
     scores = saved_scores(directory, pool)
     if scores is None:
-        model = load_model(config.model, _device())
+        model = load_model(config.model, device())
         scores = less_scores(config, model, pool, validation, tokenizer.pad_token_id)
         del model
     records, budget = select_within_budget(config, pool, scores, directory)
@@ -218,7 +216,7 @@ def rho(config: CompareConfig, directory: str) -> dict:
         progress = _progress(2 * -(-len(pool.examples) // 8), "RHO excess loss")
         for role, source in (("current", config.model), ("reference", config.model.model_copy(
                 update={"name_or_path": str(reference_dir / "model")}))):
-            model = load_model(source, _device())
+            model = load_model(source, device())
             losses[role] = example_losses(model, pool, 8, config.model.precision, tokenizer.pad_token_id, progress)
             del model
         progress.close()
@@ -242,7 +240,7 @@ def scalebio(config: CompareConfig, directory: str) -> dict:
     return _mix_and_sft(config, directory, str(run_dir / "weights.json")) | {"weights": weights}
 
 
-def _device() -> torch.device:
+def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -305,10 +303,10 @@ def student_sft_temperature(config: CompareConfig, shared: dict, directory: str)
     reused = (sibling / "summary.json").exists()
     model_dir = sibling / "model" if reused else _student_sft(config, shared, directory / "run")
     model_config = ModelConfig(name_or_path=str(model_dir))
-    tokenizer, model = load_tokenizer(model_config), load_model(model_config, _device())
+    tokenizer, model = load_tokenizer(model_config), load_model(model_config, device())
     items = load_items(config.distillation.validation_items)
     variants = option_variants(tokenizer, items)
-    rows = list(answer_logits(model, tokenizer, items, 8, "fp32", _device()))
+    rows = list(answer_logits(model, tokenizer, items, 8, "fp32", device()))
     logits = torch.cat([chunk_logits for _, chunk_logits in rows])
     temperature = fit_temperature(logits, [variants[i][item.gold] for i, item in enumerate(items)])
     del model

@@ -1,0 +1,117 @@
+"""`lmrefinery compare`'s config: which baselines to run, on which data, under one budget (see docs/compare.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmrefinery.config import (CalibrationSettings, LISAConfig, ModelConfig, ReweightTrainConfig, ScaleBiOConfig,
+                               SourceConfig, StrictModel, StudentConfig, TrainConfig, unique_source_names)
+
+
+MIXTURE_METHODS = ("uniform", "proportional", "less", "rho", "scalebio")
+DISTILL_METHODS = ("sft", "sft_temperature", "sft_label_smoothing", "topk_kd", "topk_kd_other", "online_kd", "first")
+
+
+class LESSConfig(StrictModel):
+    layers: int = Field(2, ge=1, description="Gradients of the last N decoder blocks are the example features.")
+    dim: int = Field(8192, ge=16, description="Dimension of the CountSketch projection of those gradients.")
+
+
+class RHOConfig(StrictModel):
+    reference_steps: int = Field(8, ge=1, description="SFT steps of the reference model on the validation set.")
+    reference_lr: float = Field(1e-4, ge=0)
+
+
+class ScaleBiOMethodConfig(StrictModel):
+    scalebio: ScaleBiOConfig = ScaleBiOConfig()
+    train: ReweightTrainConfig = ReweightTrainConfig()
+    lisa: LISAConfig = LISAConfig()
+
+
+class MixtureCompareConfig(StrictModel):
+    methods: list[Literal[MIXTURE_METHODS]] = Field(list(MIXTURE_METHODS), min_length=1)
+    sources: list[SourceConfig] = Field(min_length=1, description="The pool every method draws from.")
+    validation: list[SourceConfig] = Field(min_length=1, description="The target's validation set.")
+    test: list[SourceConfig] = Field(min_length=1, description="The target's test set: conversations whose last "
+                                                                "turn is the reference answer.")
+    max_length: int = Field(1024, ge=8)
+    token_budget: int | None = Field(None, ge=1, description="Tokens (prompt + response, as trained) in every "
+                                                              "method's SFT set; default: num_examples × the pool's "
+                                                              "mean example length.")
+    num_examples: int | None = Field(None, ge=1, description="Sets the default token budget; default: "
+                                                              "train.steps × train.batch_size.")
+    exact_match: bool = Field(True, description="Also score greedy answers (reasoning-gym scorer or string match).")
+    max_new_tokens: int = Field(16, ge=1)
+    less: LESSConfig = LESSConfig()
+    rho: RHOConfig = RHOConfig()
+    reweight: ScaleBiOMethodConfig = ScaleBiOMethodConfig()
+
+    _unique = field_validator("sources")(unique_source_names)
+
+
+class TeacherSpec(StrictModel):
+    name_or_path: str = Field(description="The teacher model (hub id, directory or alias).")
+    finetune_steps: int | None = Field(None, ge=1, description="First fine-tune it on the training conversations "
+                                                                "for this many steps (a shared stage).")
+
+
+class DistillCompareConfig(StrictModel):
+    methods: list[Literal[DISTILL_METHODS]] = Field(list(DISTILL_METHODS), min_length=1)
+    teacher: TeacherSpec
+    train: list[SourceConfig] = Field(min_length=1, description="Conversations the students learn from.")
+    validation_items: str = Field(description="Held-out multiple-choice items: FIRST's calibration cache and the "
+                                              "post-hoc temperature are fitted on them.")
+    test_items: str = Field(description="Multiple-choice items every model is scored on.")
+    max_length: int = Field(1024, ge=8)
+    student: StudentConfig = StudentConfig()
+    k: int = Field(5, ge=1, le=64, description="Top-k of the teacher cache.")
+    label_smoothing: float = Field(0.1, gt=0, lt=1, description="ε of the label-smoothing baseline.")
+    calibrate: CalibrationSettings = Field(CalibrationSettings(), description="FIRST's calibration of the teacher "
+                                                                              "(on the validation items' cache).")
+    n_bins: int = Field(10, ge=2)
+
+
+class CompareConfig(StrictModel):
+    output_dir: str = "compare-out"
+    seed: int = 0
+    model: ModelConfig | None = Field(None, description="The base model every mixture method fine-tunes (required "
+                                                         "with a `mixture` section).")
+    train: TrainConfig = Field(TrainConfig(), description="Shared by every method: batch, learning rate, schedule; "
+                                                          "steps of the students (and the default mixture token "
+                                                          "budget).")
+    mixture: MixtureCompareConfig | None = None
+    distillation: DistillCompareConfig | None = None
+    demo_data: Literal["quick", "default"] | None = Field(
+        None, description="Build the demo's data (sizes of that preset) under output_dir/data and fill in every "
+                          "source and split path: the `demo` setting, with no files to provide.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_demo_paths(cls, tree: Any) -> Any:
+        if not isinstance(tree, dict) or not tree.get("demo_data"):
+            return tree
+        from lmrefinery.recipes.demo_data import layout
+
+        paths = layout(Path(str(tree.get("output_dir", "compare-out"))) / "data")
+        mixture, distillation = tree.get("mixture"), tree.get("distillation")
+        if isinstance(mixture, dict):
+            mixture.setdefault("sources", [{"name": name, "path": str(path)}
+                                           for name, path in paths["sources"].items()])
+            mixture.setdefault("validation", [{"name": "target", "path": str(paths["validation"])}])
+            mixture.setdefault("test", [{"name": "target_test", "path": str(paths["test"])}])
+        if isinstance(distillation, dict):
+            distillation.setdefault("train", [{"name": "mcq", "path": str(paths["mcq"]["train_conversations"])}])
+            distillation.setdefault("validation_items", str(paths["mcq"]["heldout"]))
+            distillation.setdefault("test_items", str(paths["mcq"]["test"]))
+        return tree
+
+    @model_validator(mode="after")
+    def _something_to_compare(self) -> "CompareConfig":
+        if self.mixture is None and self.distillation is None:
+            raise ValueError("nothing to compare: give a `mixture` section, a `distillation` section, or both")
+        if self.mixture is not None and self.model is None:
+            raise ValueError("a `mixture` comparison needs `model` (the base model each method fine-tunes)")
+        return self
