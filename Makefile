@@ -26,6 +26,7 @@ install-test: $(VENV)/.test-installed
 install-demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest tests
 
 demo: $(VENV)/.demo-installed

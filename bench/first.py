@@ -91,7 +91,9 @@ def main() -> None:
 
     from lmrefinery.config import DistillLossConfig, ModelConfig, TeacherConfig, TrainConfig, validate_config
     from lmrefinery.data.collate import collate
+    from lmrefinery.distill.cache import ConcentrationStats
     from lmrefinery.distill.student import every_nth, keep_layers
+    from lmrefinery.distill.topk import teacher_topk
     from lmrefinery.models import find_decoder_layers, load_model
     from lmrefinery.recipes import teacher as teacher_recipe
     from lmrefinery.recipes.common import load_cache_with_data
@@ -126,8 +128,6 @@ def main() -> None:
         teacher = load_model(ModelConfig(name_or_path=args.model)).eval()
         batches = [collate(pool.examples[i: i + args.batch], tokenizer.pad_token_id, list(range(i, i + args.batch)))
                    for i in range(0, len(pool.examples) - args.batch + 1, args.batch)]
-        from lmrefinery.distill.cache import ConcentrationStats
-
         def bare():
             with torch.no_grad():
                 for batch in batches:
@@ -135,7 +135,7 @@ def main() -> None:
 
         def teacher_pass():
             for batch in batches:
-                teacher_recipe.teacher_topk(teacher, batch, 5, "fp32", ConcentrationStats())
+                teacher_topk(teacher, batch, 5, "fp32", ConcentrationStats())
 
         bare_s, pass_s = timed(bare, args.repeats), timed(teacher_pass, args.repeats)
         report["teacher_pass"] = {"bare_forward_s": round(bare_s, 3), "teacher_pass_s": round(pass_s, 3),
@@ -146,7 +146,7 @@ def main() -> None:
         optimizer = build_adamw(student, TrainConfig(lr=1e-6))
         loss_config = validate_config(DistillLossConfig, {"teacher_transform": "prob_temperature", "temperature": 0.3})
         distill_fn = cached_loss_fn(cache, loss_config, 0.3)
-        online_fn = online_loss_fn(teacher, 1.0, "fp32")
+        online_fn = online_loss_fn(teacher, 1.0)
 
         def steps(fn):
             def run_all():

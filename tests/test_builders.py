@@ -41,8 +41,9 @@ def test_kjv_passages_are_real_text_and_deterministic():
 
 @pytest.mark.parametrize("task", ["basic_arithmetic", "leg_counting"])
 def test_mcq_distractors_never_equal_the_gold_answer(task):
-    from lmrefinery.data.builders import mcq_conversation, mcq_items
-    from lmrefinery.evaluation.mcq import parse_item
+    from lmrefinery.data.builders import mcq_items
+    from lmrefinery.data.mcq_items import mcq_conversation
+    from lmrefinery.data.mcq_items import parse_item
 
     items = mcq_items(task, 30, seed=1)
     assert items == mcq_items(task, 30, seed=1)

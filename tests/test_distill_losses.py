@@ -141,3 +141,44 @@ def test_parameter_gradients_on_a_tiny_model_equal_the_reference(option):
     assert ours[0] == pytest.approx(reference[0], abs=1e-5)
     for a, b in zip(ours[1], reference[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_online_kd_equals_the_full_vocabulary_kl_times_t_squared():
+    from lmrefinery.distill.losses import online_kd_per_position
+
+    generator = torch.Generator().manual_seed(4)
+    student = (torch.randn(6, V, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
+    teacher = torch.randn(6, V, generator=generator, dtype=torch.float64) * 3
+    for temperature in (1.0, 2.5):
+        ours = online_kd_per_position(student, teacher, temperature)
+        reference = []
+        for s, t in zip(student, teacher):  # naive: probabilities, then Σ p (log p − log q), times T²
+            p, q = torch.softmax(t / temperature, -1), torch.softmax(s / temperature, -1)
+            reference.append((p * (p.log() - q.log())).sum() * temperature ** 2)
+        reference = torch.stack(reference)
+        torch.testing.assert_close(ours.double(), reference, atol=1e-5, rtol=0)
+        (ours_grad,) = torch.autograd.grad(ours.sum(), student)
+        (reference_grad,) = torch.autograd.grad(reference.sum(), student)
+        torch.testing.assert_close(ours_grad.double(), reference_grad, atol=1e-5, rtol=0)
+    assert float(online_kd_per_position(teacher, teacher, 2.0).abs().max()) < 1e-6
+
+
+def test_cache_rows_align_with_the_response_positions_of_a_batch():
+    """topk_distillation_sums reads the cache rows in row-major order of the response mask; summed per example and
+    divided by the token count it must equal the masked topk_kl_loss on the padded tensors."""
+    from lmrefinery.train.losses import ResponseLogits
+    from lmrefinery.distill.losses import topk_distillation_sums
+
+    student, ids, logprobs, mask, labels, tail = _inputs()
+    response = ResponseLogits(student[mask], labels[mask], mask)
+    settings = dict(teacher_transform="prob_temperature", temperature=0.5, other_bucket=True, hard_label_weight=0.2)
+    sums, counts = topk_distillation_sums(response, ids[mask], logprobs[mask], tail[mask], **settings)
+    assert counts.tolist() == mask.sum(1).tolist()
+    expected = topk_kl_loss(student, ids, logprobs, mask, teacher_tail=tail, labels=labels, **settings)
+    assert float(sums.sum() / counts.sum()) == pytest.approx(float(expected), abs=1e-9)
+    per_example = [topk_kl_loss(student[b:b + 1], ids[b:b + 1], logprobs[b:b + 1], mask[b:b + 1],
+                                teacher_tail=tail[b:b + 1], labels=labels[b:b + 1], reduction="sequence_sum",
+                                **settings) for b in range(B)]
+    torch.testing.assert_close(sums, torch.stack(per_example), atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="cached positions"):
+        topk_distillation_sums(response, ids[mask][1:], logprobs[mask][1:], tail[mask][1:], **settings)

@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from lmrefinery.data.builders import reasoning_gym_records, write_jsonl
+from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.evaluation.exact_match import generate_answers, load_prompts, score
 from tests.helpers import run_cli, write_yaml
 from tests.tiny import messages_records
@@ -24,8 +25,9 @@ def test_scoring_uses_reasoning_gym_metadata_or_exact_strings(tmp_path):
 def test_batched_generation_equals_one_by_one(tmp_path, tiny_model_dir, tokenizer):
     items = load_prompts(str(write_jsonl(tmp_path / "q.jsonl", messages_records(0, 5))))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    batched = generate_answers(model, tokenizer, items, 5, 6, "cpu")
-    single = [generate_answers(model, tokenizer, [item], 1, 6, "cpu")[0] for item in items]
+    encoder = ChatEncoder(tokenizer)
+    batched = generate_answers(model, encoder, items, 5, 6, "cpu")
+    single = [generate_answers(model, encoder, [item], 1, 6, "cpu")[0] for item in items]
     assert batched == single and len(set(len(i["messages"][0]["content"]) for i in items)) > 1
 
 

@@ -13,7 +13,8 @@ from lmrefinery.data.sources import load_pool
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.distill.cache import ConcentrationStats, write_manifest, write_shard
 from lmrefinery.distill.student import keep_layers
-from lmrefinery.evaluation.mcq import letter_token_ids, load_items, parse_item, prompt_ids
+from lmrefinery.data.mcq_items import load_items, parse_item
+from lmrefinery.evaluation.mcq import letter_token_ids
 from lmrefinery.models import find_decoder_layers
 from lmrefinery.train.run_dir import read_metrics
 from tests.first_helpers import make_cache
@@ -154,7 +155,8 @@ def test_mcq_scores_equal_direct_computation(tmp_path, tiny_model_dir, tokenizer
     correct = []
     for item, row in zip(load_items(str(path)), rows):
         with torch.no_grad():  # one item at a time, no padding: the reference
-            logits = model(input_ids=torch.tensor([prompt_ids(tokenizer, item.prompt)])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ChatEncoder(tokenizer).prompt_ids(
+                [{"role": "user", "content": item.prompt}])])).logits[0, -1]
         p = torch.softmax(logits.float(), -1)
         variants = letter_token_ids(tokenizer, item.letters)
         assert row["confidence"] == pytest.approx(float(p.max()), abs=1e-5)
@@ -163,3 +165,34 @@ def test_mcq_scores_equal_direct_computation(tmp_path, tiny_model_dir, tokenizer
         correct.append(int(p.argmax()) in variants[item.gold])
     assert report["overall"]["full_vocabulary"]["accuracy"] == pytest.approx(sum(correct) / len(correct))
     assert report["overall"]["items"] == 5 and (tmp_path / "eval" / "plots" / "reliability.png").exists()
+
+
+def test_calibrate_by_nll_minimises_the_gold_bucket_nll_computed_directly(tmp_path, tiny_model_dir, tokenizer):
+    """objective 'nll': every curve point is the mean −log of the true token's bucket (k cached tokens + the tail),
+    recomputed here from the cache rows; the chosen temperature is the curve's minimum."""
+    from lmrefinery.distill.cache import TeacherCache
+
+    cache_dir = _overconfident_cache(tmp_path, tiny_model_dir, tokenizer)
+    config = write_yaml(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "cal"), "cache": str(cache_dir),
+                                              "transform": "logit_temperature", "objective": "nll"})
+    assert run_cli("calibrate", "--config", config) == 0
+    result = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    cache = TeacherCache(cache_dir)
+    data = DataConfig(sources=[SourceConfig(name="held", path=str(tmp_path / "held.jsonl"))], max_length=96)
+    pool = load_pool(data.sources, ChatEncoder(tokenizer), data)
+    rows = []
+    for index, example in enumerate(pool.examples):
+        ids, logprobs, tail = cache.rows(index)
+        truths = [label for label in example.labels[1:] if label != -100]
+        for position, truth in enumerate(truths):
+            hits = (ids[position] == truth).nonzero()
+            rows.append((torch.cat([logprobs[position].double(), tail[position:position + 1].double()]),
+                         int(hits[0, 0]) if len(hits) else ids.shape[1]))
+
+    def direct_nll(temperature):
+        return sum(-float(torch.log_softmax(logp / temperature, -1)[gold]) for logp, gold in rows) / len(rows)
+
+    for point in result["curve"][:: max(1, len(result["curve"]) // 5)]:
+        assert point["nll"] == pytest.approx(direct_nll(point["temperature"]), rel=1e-4)
+    assert result["after"]["nll"] == min(point["nll"] for point in result["curve"])
+    assert result["temperature"] > 1.0  # an overconfident teacher needs flattening

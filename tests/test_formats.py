@@ -93,3 +93,26 @@ def test_record_locations_name_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
     assert [r.location for r in read_records(path)] == [f"{path} line 1", f"{path} line 3"]
+
+
+def test_truncation_cuts_long_examples_or_drops_them(tmp_path, tokenizer):
+    """'truncate' keeps the first max_length tokens (labels cut with them); 'drop' leaves the example out; both count
+    what they did."""
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    long = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 60}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (short, long, short)))
+    encoder = ChatEncoder(tokenizer)
+    full = load_source(SourceConfig(name="x", path=str(path)), 0, encoder,
+                       DataConfig(sources=[SourceConfig(name="x", path="unused")], max_length=1024))[0]
+    limit = len(full[0].input_ids) + 4
+    assert len(full[1].input_ids) > limit
+    for mode in ("truncate", "drop"):
+        data = DataConfig(sources=[SourceConfig(name="x", path="unused")], max_length=limit, truncation=mode)
+        examples, stats = load_source(SourceConfig(name="x", path=str(path)), 0, encoder, data)
+        if mode == "truncate":
+            assert [len(e.input_ids) for e in examples] == [len(full[0].input_ids), limit, len(full[0].input_ids)]
+            assert examples[1].input_ids == full[1].input_ids[:limit] and examples[1].labels == full[1].labels[:limit]
+            assert (stats.truncated, stats.dropped_too_long) == (1, 0)
+        else:
+            assert [e.record for e in examples] == [0, 2] and (stats.truncated, stats.dropped_too_long) == (0, 1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmrefinery.data.builders import corrupt_answers, write_jsonl
-from lmrefinery.recipes.mix import mixture_counts
+from lmrefinery.baselines.mixture import mixture_counts
 from tests.helpers import final_weights, resumed_after_kill, run_cli, run_one_and_two_processes, write_yaml
 from tests.tiny import save_tiny_model
 
@@ -134,5 +134,6 @@ def test_mix_rejects_weights_that_do_not_name_the_sources(tmp_path, capsys):
     config = {"output_dir": str(tmp_path / "mix"), "weights": {"other": 1.0}, "num_examples": 3,
               "sources": [{"name": "small", "path": str(small)}]}
     assert run_cli("mix", "--config", write_yaml(tmp_path / "mix.yaml", config)) == 2
-    assert "weights name ['other'], but the sources are ['small']" in capsys.readouterr().err
+    assert "weights: weights must name exactly the configured sources ['small']; missing ['small'], unknown ['other']" \
+        in capsys.readouterr().err
     assert not (tmp_path / "mix").exists()

@@ -147,3 +147,18 @@ def test_state_dict_round_trip_continues_identically():
         second.step(train, val)
     torch.testing.assert_close(second.weights, reference.weights, atol=1e-12, rtol=0)
     torch.testing.assert_close(second.upper_model.weight, reference.upper_model.weight, atol=1e-12, rtol=0)
+
+
+def test_weight_gradient_clipping_keeps_the_direction_and_caps_the_norm():
+    _, _, train, val = _ridge_problem()
+    free, clipped = _core(alpha=7.0), _core(alpha=7.0, max_weight_grad_norm=1e-3)
+    for core in (free, clipped):
+        with torch.no_grad():
+            core.upper_model.weight.add_(0.1)  # u ≠ w: a non-zero λ-gradient
+    before = clipped.logits.detach().clone()
+    metrics = [core.step(train, val) for core in (free, clipped)]
+    raw = free.logits.grad
+    assert float(raw.norm()) > 1e-2 and metrics[1]["grad_norm_weights"] == pytest.approx(float(raw.norm()))
+    torch.testing.assert_close(clipped.logits.grad, raw * (1e-3 / raw.norm()), atol=1e-12, rtol=1e-6)
+    # SGD on λ (lr 1.0): the step is exactly the clipped gradient
+    torch.testing.assert_close(clipped.logits.detach(), before - clipped.logits.grad, atol=1e-12, rtol=0)

@@ -10,8 +10,9 @@ from lmrefinery.config import DataConfig, ModelConfig, SourceConfig
 from lmrefinery.data.tokenize import IGNORE_INDEX
 from lmrefinery.models import load_model
 from lmrefinery.recipes.common import load_data
-from lmrefinery.selection import (CountSketch, cosine_to_mean, example_losses, gradient_features,
-                                  last_block_parameters, top_count, top_fraction)
+from lmrefinery.baselines.less import CountSketch, cosine_to_mean, gradient_features, last_block_parameters
+from lmrefinery.baselines.mixture import rank_by_score
+from lmrefinery.baselines.rho import example_losses
 from tests.tiny import save_tiny_model, write_jsonl
 
 
@@ -109,10 +110,6 @@ def test_rho_scores_are_exactly_the_loss_differences(tmp_path, tiny_model_dir):
     assert expected.std() > 0.05  # the two models really differ, and by different amounts per example
 
 
-def test_top_count_keeps_the_highest_scores_with_ties_to_the_lower_index():
-    scores = torch.tensor([0.5, 2.0, -1.0, 2.0, 0.7])
-    assert top_count(scores, 3) == [1, 3, 4]
-    assert top_fraction(scores, 0.4) == [1, 3]
-    assert top_fraction(scores, 0.41) == [1, 3, 4]  # ⌈0.41 · 5⌉ = 3
-    with pytest.raises(ValueError):
-        top_fraction(scores, 0.0)
+def test_ranking_keeps_the_highest_scores_first_with_ties_to_the_lower_index():
+    scores = torch.tensor([0.1, 0.9, 0.2, 0.9, 0.5])
+    assert rank_by_score(scores) == [1, 3, 4, 2, 0]

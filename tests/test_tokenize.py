@@ -81,3 +81,56 @@ def test_template_that_rewrites_history_fails_loudly():
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(UserError, match="prefix"):
         ChatEncoder(tiny_tokenizer(template)).encode(MULTI, "data.jsonl line 7")
+
+
+def _captured_prompts(model, run):
+    """The unpadded input ids of every row the model was called with while `run()` scored or generated."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        if ids.shape[1] > 1 and not seen_generation_step(kwargs):
+            seen.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
+
+    def seen_generation_step(kwargs):  # generate's later steps feed one new token with the cache
+        return kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("template", ["chat", "fallback"])
+@pytest.mark.parametrize("system_prompt", [None, "Be terse."])
+def test_evaluations_score_the_prompt_training_conditions_on(template, system_prompt):
+    """MCQ scoring and exact-match generation feed the model, token for token, the prefix that training puts before
+    the reply's labels (same chat template or fallback format, same system prompt)."""
+    from lmrefinery.data.mcq_items import mcq_conversation, parse_item
+    from lmrefinery.data.formats import parse_record
+    from lmrefinery.evaluation.exact_match import generate_answers
+    from lmrefinery.evaluation.mcq import answer_logits
+    from tests.tiny import QA, tiny_model
+
+    tokenizer = tiny_tokenizer() if template == "chat" else tiny_tokenizer(chat_template=None)
+    encoder = ChatEncoder(tokenizer, system_prompt)
+    model = tiny_model("llama", vocab_size=len(tokenizer)).eval()
+
+    def training_prompt(record):
+        encoded = encoder.encode(parse_record(record, "messages", "test"), "test")
+        first_label = next(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+        return encoded.input_ids[:first_label]
+
+    items = [parse_item({"question": q, "options": [a, "no", "maybe"], "answer": 0}, "t") for q, a in QA[:3]]
+    scored = _captured_prompts(model, lambda: list(answer_logits(model, encoder, items, 2, "fp32", "cpu")))
+    assert scored == [training_prompt(mcq_conversation(item)) for item in items]
+
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA[:3]]
+    prompts = [{"messages": r["messages"][:1], "reference": r["messages"][1]["content"], "metadata": {}}
+               for r in records]
+    generated = _captured_prompts(model, lambda: generate_answers(model, encoder, prompts, 3, 2, "cpu"))
+    assert generated == [training_prompt(r) for r in records]
+    if system_prompt is not None:
+        assert all("Be terse." in tokenizer.decode(ids) for ids in scored + generated)

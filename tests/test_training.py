@@ -153,3 +153,28 @@ def test_label_smoothed_loss_is_the_mixture_of_cross_entropy_and_uniform_target(
     assert torch.equal(tokens, keep.sum(dim=1))
     plain, _ = label_smoothed_loss_sums(0.0)(model, batch, "fp32")
     assert float((sums - plain).detach().abs().min()) > 1e-3  # smoothing changes every example's loss
+
+
+def test_sequence_sum_normalisation_is_the_mean_per_example_sum_for_any_split(tokenizer):
+    """normalize_by='examples' (distill's reduction 'sequence_sum'): the loss is Σ token losses / examples of the
+    global batch, whatever the micro-batching."""
+    examples = _examples(tokenizer)
+    pad = tokenizer.pad_token_id
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+
+    def run(micro_batches):
+        model.zero_grad(set_to_none=True)
+        loss, _, _ = accumulate_token_mean_gradients(model, micro_batches, DistEnv(), "fp32", normalize_by="examples")
+        return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss_one, grads_one = run([collate(examples, pad)])
+    loss_four, grads_four = run([collate([e], pad) for e in examples])
+    with torch.no_grad():
+        batch = collate(examples, pad)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:],
+                                                         reduction="none", ignore_index=-100)
+    assert loss_one == pytest.approx(float(token_losses.sum()) / len(examples), abs=1e-5)
+    assert loss_four == pytest.approx(loss_one, abs=1e-5)
+    for name in grads_one:
+        torch.testing.assert_close(grads_one[name], grads_four[name], atol=1e-5, rtol=0)

@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from lmrefinery.train.optim import lr_multiplier
+from lmrefinery.errors import TrainingDiverged
+from lmrefinery.train.losses import clip_gradients
+from lmrefinery.train.optim import build_optimizer, lr_multiplier
 
 TrainLossFn = Callable[[nn.Module, object], tuple[torch.Tensor, torch.Tensor]]
 ValLossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -40,15 +42,6 @@ def _default_source_ids(batch) -> torch.Tensor:
     if isinstance(batch, dict):
         return batch["source_ids"]
     return batch.source_ids
-
-
-def _build_optimizer(kind: str, params, lr: float, weight_decay: float, betas, eps) -> torch.optim.Optimizer:
-    params = list(params)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {kind!r}")
 
 
 def weight_gradient(weights: torch.Tensor, lower_means: torch.Tensor, upper_means: torch.Tensor,
@@ -67,7 +60,8 @@ class ScaleBiO:
                  lr_lower: float = 1e-5, lr_upper: float = 1e-5, lr_weights: float = 1e-2,
                  optimizer: str = "adamw", weight_decay: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, total_steps: int | None = None, schedule: str = "cosine",
-                 warmup_ratio: float = 0.03, max_grad_norm: float | None = None,
+                 warmup_ratio: float = 0.03, warmup_steps: int | None = None, min_lr_ratio: float = 0.0,
+                 max_grad_norm: float | None = None,
                  max_weight_grad_norm: float | None = None, lower_model: nn.Module | None = None,
                  source_ids_fn: Callable[[object], torch.Tensor] = _default_source_ids,
                  val_weight_fn: Callable[[object], float] | None = None,
@@ -82,19 +76,23 @@ class ScaleBiO:
         self.num_sources = num_sources
         self.train_loss_fn, self.val_loss_fn = train_loss_fn, val_loss_fn
         self.alpha, self.tau, self.rounds = alpha, tau, rounds
-        self.total_steps, self.schedule = total_steps, schedule
-        self.warmup = math.ceil(warmup_ratio * total_steps) if total_steps else 0
+        self.total_steps, self.schedule, self.min_lr_ratio = total_steps, schedule, min_lr_ratio
+        if not total_steps:
+            self.warmup = 0
+        else:
+            self.warmup = min(warmup_steps, total_steps) if warmup_steps is not None else math.ceil(
+                warmup_ratio * total_steps)
         self.max_grad_norm, self.max_weight_grad_norm = max_grad_norm, max_weight_grad_norm
         self.source_ids_fn, self.val_weight_fn = source_ids_fn, val_weight_fn
         self.all_reduce = all_reduce or (lambda tensor: tensor)
         self.gradient_sum_factor = gradient_sum_factor
         device = next(model.parameters()).device
         self.logits = nn.Parameter(torch.zeros(num_sources, dtype=torch.float64, device=device))
-        self.lower_optimizer = _build_optimizer(optimizer, self.lower_model.parameters(), lr_lower, weight_decay,
-                                                betas, eps)
-        self.upper_optimizer = _build_optimizer(optimizer, self.upper_model.parameters(), lr_upper, weight_decay,
-                                                betas, eps)
-        self.weights_optimizer = _build_optimizer(optimizer, [self.logits], lr_weights, 0.0, betas, eps)
+        # u and w follow the project's weight-decay policy (none on biases and norms); λ never has weight decay.
+        settings = {"kind": optimizer, "betas": betas, "eps": eps}
+        self.lower_optimizer = build_optimizer(self.lower_model, lr=lr_lower, weight_decay=weight_decay, **settings)
+        self.upper_optimizer = build_optimizer(self.upper_model, lr=lr_upper, weight_decay=weight_decay, **settings)
+        self.weights_optimizer = build_optimizer([self.logits], lr=lr_weights, weight_decay=0.0, **settings)
         self.base_lrs = {"lower": lr_lower, "upper": lr_upper, "weights": lr_weights}
         self.steps_done = 0
 
@@ -112,7 +110,8 @@ class ScaleBiO:
         return self.alpha * self.tau ** self.round_index(self.steps_done if step is None else step)
 
     def _set_learning_rates(self, step: int) -> dict[str, float]:
-        shape = lr_multiplier(step, self.total_steps, self.warmup, self.schedule) if self.total_steps else 1.0
+        shape = (lr_multiplier(step, self.total_steps, self.warmup, self.schedule, self.min_lr_ratio)
+                 if self.total_steps else 1.0)
         scale = shape * self.tau ** (-self.round_index(step))
         rates = {}
         for name, optimizer in (("lower", self.lower_optimizer), ("upper", self.upper_optimizer),
@@ -153,14 +152,6 @@ class ScaleBiO:
             value += loss.detach().double() * size / total
         return float(self.all_reduce(value))
 
-    @staticmethod
-    def _clip(model: nn.Module, max_norm: float | None) -> float:
-        parameters = [p for p in model.parameters() if p.grad is not None]
-        if not parameters:
-            return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm is not None else float("inf"))
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
     def step(self, train_batch, val_batch) -> dict[str, float]:
         """One ScaleBiO step; `train_batch` / `val_batch` are a batch or a list of micro-batches."""
         train_micro = list(train_batch) if isinstance(train_batch, (list, tuple)) else [train_batch]
@@ -186,8 +177,8 @@ class ScaleBiO:
         weight_grad_norm = float(self.logits.grad.norm())
         if self.max_weight_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([self.logits], self.max_weight_grad_norm)
-        lower_norm = self._clip(self.lower_model, self.max_grad_norm)
-        upper_norm = self._clip(self.upper_model, self.max_grad_norm)
+        lower_norm = clip_gradients(self.lower_model, self.max_grad_norm)
+        upper_norm = clip_gradients(self.upper_model, self.max_grad_norm)
 
         l2_lower = float((weights * lower_means * present).sum())
         l2_upper = float((weights * upper_means * present).sum())
@@ -198,7 +189,7 @@ class ScaleBiO:
         if not all(math.isfinite(v) for v in metrics.values()):
             for optimizer in (self.lower_optimizer, self.upper_optimizer, self.weights_optimizer):
                 optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"ScaleBiO step {step + 1}: non-finite values {metrics}")
+            raise TrainingDiverged(f"ScaleBiO step {step + 1}: non-finite values {metrics}")
         self.lower_optimizer.step()
         self.upper_optimizer.step()
         self.weights_optimizer.step()

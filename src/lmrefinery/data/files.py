@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import datasets
+import pyarrow.parquet as pq
+
 from lmrefinery.errors import UserError
 
 
@@ -73,8 +76,6 @@ def _read_json(path: Path) -> Iterator[Record]:
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for unreadable files
@@ -84,8 +85,6 @@ def _read_parquet(path: Path) -> Iterator[Record]:
 
 
 def _read_saved_dataset(path: Path) -> Iterator[Record]:
-    import datasets
-
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises FileNotFoundError or its own errors for foreign directories

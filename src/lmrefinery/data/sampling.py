@@ -39,14 +39,15 @@ def read_weights_file(path: str | Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in weights.items()}
 
 
-def source_probabilities(sampling: SamplingConfig, names: list[str], sizes: list[int]) -> list[float]:
+def source_probabilities(sampling: SamplingConfig, names: list[str], sizes: list[int],
+                         key: str = "sampling.weights") -> list[float]:
     if sampling.strategy == "uniform":
         return [1.0 / len(names)] * len(names)
     if sampling.strategy == "proportional":
         total = sum(sizes)
         return [size / total for size in sizes]
     weights = sampling.weights
-    origin = "sampling.weights"
+    origin = key
     if isinstance(weights, str):
         origin = weights
         weights = read_weights_file(weights)

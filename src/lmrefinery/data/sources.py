@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from lmrefinery.config import DataConfig, SourceConfig
 from lmrefinery.data.files import BadRecord, read_records
-from lmrefinery.data.formats import detect_format, parse_record
+from lmrefinery.data.formats import Conversation, detect_format, parse_record
 from lmrefinery.data.tokenize import IGNORE_INDEX, ChatEncoder
 from lmrefinery.errors import UserError
 
@@ -48,6 +48,13 @@ class SourcePool:
         counts = [0] * len(self.names)
         for example in self.examples:
             counts[example.source_id] += 1
+        return counts
+
+    def counts(self, indices: list[int]) -> dict[str, int]:
+        """How many of the examples at `indices` come from each source (by name)."""
+        counts = dict.fromkeys(self.names, 0)
+        for index in indices:
+            counts[self.names[self.examples[index].source_id]] += 1
         return counts
 
     def source_indices(self) -> list[list[int]]:
@@ -120,3 +127,28 @@ def load_pool(sources: list[SourceConfig], encoder: ChatEncoder, data: DataConfi
                  source_stats.examples, source_stats.format, source_stats.truncated,
                  source_stats.dropped_too_long, source_stats.skipped)
     return SourcePool([s.name for s in sources], examples, stats)
+
+
+def read_conversations(spec: SourceConfig, on_bad_record: str = "error") -> list[dict]:
+    """The source's records as `messages` conversations; with on_bad_record 'error', index i is record i."""
+    fmt = None if spec.format == "auto" else spec.format
+    records = []
+    for item in read_records(spec.path):
+        if spec.limit is not None and len(records) >= spec.limit:
+            break
+        try:
+            if isinstance(item, BadRecord):
+                raise item
+            fmt = fmt or detect_format(item.fields, item.location)
+            example = parse_record(item.fields, fmt, item.location)
+            if not isinstance(example, Conversation):
+                raise UserError(f"{spec.path}: source '{spec.name}' is plain text; mix writes conversations "
+                                f"(messages format), so text sources cannot be mixed")
+        except BadRecord as bad:
+            if on_bad_record == "error":
+                raise UserError(f"{bad.location}: {bad.problem}") from None
+            continue
+        records.append({"messages": [{"role": m.role, "content": m.content} for m in example.messages]})
+    if not records:
+        raise UserError(f"{spec.path}: source '{spec.name}' has no usable records")
+    return records

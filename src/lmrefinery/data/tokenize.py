@@ -53,12 +53,25 @@ class ChatEncoder:
     def encode(self, example: Example, location: str) -> Encoded:
         if isinstance(example, PlainText):
             return self._encode_text(example.text)
-        messages = example.messages
-        if self.system_prompt is not None and messages[0].role != "system":
-            messages = (Message("system", self.system_prompt),) + messages
+        messages = self._with_system(example.messages)
         if self.uses_template:
             return self._encode_with_template(messages, location)
         return self._encode_fallback(messages)
+
+    def prompt_ids(self, messages) -> list[int]:
+        """The ids a model reads before it replies to `messages` (the last turn is the user's): exactly the prefix
+        that `encode` puts before that reply's labels in training. Every evaluation and the teacher pass prompt
+        through here, so a model is always scored on the prompt it was trained on."""
+        messages = self._with_system(tuple(m if isinstance(m, Message) else Message(m["role"], m["content"])
+                                           for m in messages))
+        if self.uses_template:
+            return self._render(messages, generation_prompt=True)
+        return self._encode_fallback(messages).input_ids
+
+    def _with_system(self, messages: tuple[Message, ...]) -> tuple[Message, ...]:
+        if self.system_prompt is not None and messages[0].role != "system":
+            return (Message("system", self.system_prompt),) + messages
+        return messages
 
     def _encode_text(self, text: str) -> Encoded:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"] + [self.eos_id]

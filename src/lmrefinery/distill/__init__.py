@@ -1,1 +1,2 @@
-"""FIRST distillation: the top-k teacher cache, the re-calibration transforms, and the distillation losses."""
+"""FIRST (spec/first.md), all of it: the teacher's top-k extraction (topk.py), the cache format (cache.py), the
+temperature search (temperature.py), every distillation loss (losses.py) and student initialisation (student.py)."""

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lmrefinery.errors import UserError
+from lmrefinery.fileio import atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -109,10 +112,6 @@ def write_shard(directory: Path, index: int, ids: torch.Tensor, logprobs: torch.
                 offsets: torch.Tensor, first_example: int, stats: ConcentrationStats,
                 provenance: dict | None = None) -> dict:
     """Write shard `index` atomically (tensor file, then its metadata file, each via a temporary name)."""
-    from safetensors.torch import save_file
-
-    from lmrefinery.fileio import atomic_write_json
-
     name = shard_name(index)
     final = directory / f"{name}.safetensors"
     temporary = directory / f".{name}.tmp-shard"
@@ -135,8 +134,6 @@ def shard_provenance(teacher: str, k: int, shard_size: int, logprob_dtype: str, 
 def write_manifest(directory: Path, *, teacher: str, tokenizer, vocab_size: int, k: int, logprob_dtype: str,
                    pool, data: dict, model: dict, provenance: dict | None = None) -> dict:
     """Collect the completed shards into manifest.json (after checking that every shard is there)."""
-    from lmrefinery.fileio import atomic_write_json
-
     shards = completed_shards(directory, provenance)
     position = 0
     for index in sorted(shards):  # contiguous, in order, covering every example exactly once
@@ -231,8 +228,6 @@ class TeacherCache:
 
     @lru_cache(maxsize=8)
     def _open(self, file: str):
-        from safetensors import safe_open
-
         handle = safe_open(str(self.directory / file), framework="pt")
         return handle, handle.get_slice("offsets")[:].tolist()
 

@@ -11,11 +11,16 @@ then optionally smoothed in probability space, (1 − ε)·P_T + ε / buckets. T
 k logits gathered at the teacher's ids (equal to renormalising its full softmax over those ids); with `other_bucket`
 the student's k + 1 buckets are its full-vocabulary log-probs of the k ids plus the log of the remaining mass, with the
 full-vocabulary log-sum-exp computed in vocabulary chunks. Loss per position: KL(P_T ‖ P_S), forward KL.
+
+Online KD (the full-vocabulary baseline) is here too, and so is the alignment of a batch with its cache rows: the
+cache stores one row per response position in row-major order, exactly the order of `ResponseLogits`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from lmrefinery.train.losses import ResponseLogits, example_sums
 
 TRANSFORMS = ("linear", "prob_temperature", "logit_temperature")
 
@@ -137,6 +142,39 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teache
         teacher_tail=teacher_tail[mask] if teacher_tail is not None else None,
         labels=labels[mask] if labels is not None else None, hard_label_weight=hard_label_weight,
         chunk_size=chunk_size)
+    sums = example_sums(per_position, mask)
     if reduction == "token_mean":
-        return per_position.sum() / mask.sum().clamp(min=1)
-    return per_position.sum() / student_logits.shape[0]
+        return sums.sum() / mask.sum().clamp(min=1)
+    return sums.sum() / student_logits.shape[0]
+
+
+def topk_distillation_sums(response: ResponseLogits, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                           teacher_tail: torch.Tensor, **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of a batch: the sum of top-k losses over its response positions, and how many there are.
+
+    The teacher rows [P, k] / [P] are the batch's cache rows concatenated example by example — the same row-major
+    order as `response.logits`, so row i of each is the same position. `settings`: the keyword arguments of
+    `topk_kl_per_position` (transform, temperature, other bucket, smoothing, hard-label weight).
+    """
+    if teacher_ids.shape[0] != response.logits.shape[0]:
+        raise ValueError(f"{teacher_ids.shape[0]} cached positions for {response.logits.shape[0]} response "
+                         f"positions: the cache was not made from these examples")
+    device = response.logits.device
+    per_position = topk_kl_per_position(response.logits, teacher_ids.to(device), teacher_logprobs.to(device),
+                                        teacher_tail=teacher_tail.to(device), labels=response.targets, **settings)
+    return response.example_sums(per_position), response.counts()
+
+
+def online_kd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """Full-vocabulary KD: KL(softmax(teacher / T) ‖ softmax(student / T)) · T² at each position ([N, V] → [N])."""
+    target = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (target.exp() * (target - student)).sum(-1) * temperature ** 2
+
+
+def online_kd_sums(response: ResponseLogits, teacher_logits: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: online-KD loss summed over its response positions (teacher logits [P, V], same order)."""
+    return response.example_sums(online_kd_per_position(response.logits, teacher_logits, temperature)), \
+        response.counts()

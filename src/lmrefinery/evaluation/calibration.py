@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmrefinery.plots import plt, save_figure
+
 
 def _array(values, dtype=np.float64) -> np.ndarray:
     if hasattr(values, "detach"):
@@ -83,8 +85,6 @@ def negative_log_likelihood(gold_probabilities, floor: float = 1e-12) -> float:
 def reliability_diagram(confidences, correct, path: str | os.PathLike, n_bins: int = 10,
                         title: str = "Reliability") -> Path:
     """PNG: per-bin accuracy bars against the diagonal, the gap shaded, bin counts on the bars, ECE in the title."""
-    from lmrefinery.plots import plt, save_figure
-
     confidences, correct = _array(confidences), _array(correct)
     counts, mean_confidence, accuracy = _bin_table(confidences, correct, bin_indices(confidences, n_bins), n_bins)
     ece = expected_calibration_error(confidences, correct, n_bins)

@@ -4,12 +4,12 @@ index, as written by `lmrefinery.data.builders`), else by exact string match aft
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
+from lmrefinery.data.builders import score_answer
 from lmrefinery.data.files import BadRecord, read_records
 from lmrefinery.data.formats import Conversation, detect_format, parse_record
+from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.errors import UserError
 
 
@@ -35,48 +35,33 @@ def load_prompts(path: str) -> list[dict]:
     return items
 
 
-@lru_cache(maxsize=32)
-def _reasoning_gym_dataset(task: str, seed: int, count: int, config_json: str):
-    import json
-
-    import reasoning_gym
-
-    return reasoning_gym.create_dataset(task, size=count, seed=seed, **json.loads(config_json))
-
-
 def score(item: dict, answer: str) -> float:
-    import json
-
     meta = item["metadata"]
     if all(meta.get(k) is not None for k in ("task", "seed", "count", "index")):
-        dataset = _reasoning_gym_dataset(meta["task"], int(meta["seed"]), int(meta["count"]),
-                                         json.dumps(meta.get("config") or {}, sort_keys=True))
-        return float(dataset.score_answer(answer, dataset[int(meta["index"])]))
+        return score_answer(meta["task"], int(meta["seed"]), int(meta["count"]), int(meta["index"]), answer,
+                            meta.get("config"))
     return float(answer.strip() == item["reference"].strip())
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, items: list[dict], batch_size: int, max_new_tokens: int, device) -> list[str]:
+def generate_answers(model, encoder: ChatEncoder, items: list[dict], batch_size: int, max_new_tokens: int,
+                     device) -> list[str]:
+    """Greedy replies to each item's prompt — built by `encoder.prompt_ids`, the prefix training conditions on —
+    in left-padded batches (generation continues from every row's last real token)."""
     model.eval()
+    tokenizer = encoder.tokenizer
     answers = []
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the last real token of every row
-    try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start: start + batch_size]
-            if getattr(tokenizer, "chat_template", None):
-                prompts = [tokenizer.apply_chat_template(i["messages"], tokenize=False, add_generation_prompt=True)
-                           for i in chunk]
-                encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            else:
-                prompts = ["".join(f"### User:\n{m['content']}\n\n" for m in i["messages"]) + "### Assistant:\n"
-                           for i in chunk]
-                encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-            encoded = {k: v.to(device) for k, v in encoded.items()}
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for row in output[:, encoded["input_ids"].shape[1]:]:
-                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        tokenizer.padding_side = padding_side
+    for start in range(0, len(items), batch_size):
+        prompts = [encoder.prompt_ids(item["messages"]) for item in items[start: start + batch_size]]
+        length = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, length - len(ids):] = torch.tensor(ids)
+            attention[row, length - len(ids):] = 1
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row in output[:, length:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return answers

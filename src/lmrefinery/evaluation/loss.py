@@ -15,10 +15,9 @@ from torch import nn
 
 from lmrefinery.data.collate import collate
 from lmrefinery.data.sources import SourcePool
-from lmrefinery.data.tokenize import IGNORE_INDEX
-from lmrefinery.train.distributed import DistEnv, all_reduce_sum
 from lmrefinery.evaluation.calibration import bin_indices
-from lmrefinery.train.losses import causal_logits, token_loss_sums
+from lmrefinery.train.distributed import DistEnv, all_reduce_sum
+from lmrefinery.train.losses import ResponseLogits, cross_entropy_sums, response_logits
 
 
 def _summary(loss_sum: float, tokens: int, examples: int) -> dict:
@@ -48,10 +47,10 @@ def evaluate_loss(model: nn.Module, pool: SourcePool, env: DistEnv, batch_size: 
     for index in range(int(count.item())):
         real = index < len(batches)
         batch = collate([pool.examples[i] for i in (batches[index] if real else order[:1])], pad_id).to(env.device)
-        logits = causal_logits(model, batch, precision)
-        sums, tokens = token_loss_sums(logits, batch.labels)
+        response = response_logits(model, batch, precision)
+        sums, tokens = cross_entropy_sums(response)
         if real:
-            token_calibration.add(logits, batch.labels)
+            token_calibration.add(response)
             loss_sums.index_add_(0, batch.source_ids, sums.double())
             token_counts.index_add_(0, batch.source_ids, tokens.double())
             example_counts.index_add_(0, batch.source_ids, torch.ones_like(sums, dtype=torch.float64))
@@ -77,10 +76,8 @@ class TokenCalibration:
         self.correct_sums = torch.zeros_like(self.counts)
         self.brier_sum = torch.zeros(1, dtype=torch.float64, device=device)
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> None:
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        positions, gold_ids = logits[:, :-1][supervised], targets[supervised]
+    def add(self, response: ResponseLogits, chunk: int = 1024) -> None:
+        positions, gold_ids = response.logits, response.targets
         # Positions in chunks: a full-vocabulary fp32 softmax of a whole batch would dwarf the model's own memory.
         for start in range(0, len(gold_ids), chunk):
             probabilities = torch.softmax(positions[start: start + chunk].float(), dim=-1)

@@ -11,6 +11,9 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_directory
 
@@ -45,9 +48,6 @@ def smollm2_135m_instruct() -> Path:
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     directory, gguf_file = _gguf_location()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
     log.info("converting %s to a plain HF model in %s (once)", gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     quantised = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmrefinery.config import ModelConfig
 from lmrefinery.errors import UserError
@@ -29,8 +30,6 @@ def _from_pretrained(loader, location: str, what: str, **kwargs):
 
 
 def load_tokenizer(config: ModelConfig):
-    from transformers import AutoTokenizer
-
     location = resolve_model_path(config.tokenizer or config.name_or_path)
     tokenizer = _from_pretrained(AutoTokenizer, location, "tokenizer", trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -41,8 +40,6 @@ def load_tokenizer(config: ModelConfig):
 
 def load_model(config: ModelConfig, device: torch.device | str = "cpu"):
     """The model in fp32 (master weights); bf16 compute is applied by autocast, never by casting the weights."""
-    from transformers import AutoModelForCausalLM
-
     location = resolve_model_path(config.name_or_path)
     kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation is not None:

@@ -1,14 +1,28 @@
-"""Setup steps every recipe shares: tokenizer + data validated before anything is written, batch geometry."""
+"""Setup steps the recipes share: tokenizer + data validated before anything is written, batch geometry, LISA, and
+the supervised run that sft and distill both make."""
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
-from lmrefinery.config import DataConfig, ModelConfig, SourceConfig
+from lmrefinery.config import DataConfig, LISAConfig, ModelConfig, SourceConfig, TrainConfig, validate_config
+from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.data.sources import SourcePool, load_pool
 from lmrefinery.data.tokenize import ChatEncoder
+from lmrefinery.distill.cache import MANIFEST, TeacherCache
 from lmrefinery.errors import UserError
+from lmrefinery.evaluation.loss import evaluate_loss
+from lmrefinery.lisa import LISA
 from lmrefinery.models import load_tokenizer
+from lmrefinery.train.distributed import DistEnv
+from lmrefinery.train.loop import Loop, run_loop
+from lmrefinery.train.losses import LossSumsFn, example_loss_sums
+from lmrefinery.train.optim import build_adamw, build_scheduler
+from lmrefinery.train.supervised import supervised_step_fn
+
+log = logging.getLogger(__name__)
 
 
 def load_data(model: ModelConfig, data: DataConfig, extra: dict[str, list[SourceConfig]] | None = None):
@@ -23,9 +37,6 @@ def load_data(model: ModelConfig, data: DataConfig, extra: dict[str, list[Source
 def load_cache_with_data(cache_dir: str, tokenizer_model: ModelConfig | None = None):
     """A teacher cache, a tokenizer (the teacher's, or `tokenizer_model`'s — a student's) and the very examples the
     cache was computed on (re-tokenised from the data config in its manifest, checked against its fingerprints)."""
-    from lmrefinery.config import validate_config
-    from lmrefinery.distill.cache import MANIFEST, TeacherCache
-
     cache = TeacherCache(cache_dir)
     data = validate_config(DataConfig, cache.manifest["data"], f"{cache_dir}/{MANIFEST} data")
     model = tokenizer_model or validate_config(ModelConfig, cache.manifest["model"], f"{cache_dir}/{MANIFEST} model")
@@ -48,8 +59,43 @@ def total_steps(steps: int | None, epochs: float | None, pool: SourcePool, batch
     return max(1, math.ceil((epochs or 1.0) * len(pool.examples) / batch_size))
 
 
-def source_counts(pool: SourcePool, indices: list[int]) -> dict[str, int]:
-    counts = dict.fromkeys(pool.names, 0)
-    for index in indices:
-        counts[pool.names[pool.examples[index].source_id]] += 1
-    return counts
+def make_lisa(model, optimizer, settings: LISAConfig, seed: int) -> LISA:
+    try:
+        return LISA(model, optimizer, seed=seed, **settings.model_dump(exclude={"enabled"}))
+    except ValueError as exc:
+        raise UserError(f"lisa: {exc}") from None
+
+
+def validation_fn(model, pool: SourcePool, env: DistEnv, batch_size: int, precision: str, pad_id: int):
+    """step → the held-out loss, overall and per source (the loop logs it as a 'validation' event)."""
+    def validate(step: int) -> dict:
+        result = evaluate_loss(model, pool, env, batch_size, precision, pad_id)
+        return {"val_loss": result["overall"]["loss"],
+                "val_per_source": {name: value["loss"] for name, value in result["per_source"].items()}}
+    return validate
+
+
+def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model, pad_id: int, pool: SourcePool,
+                     sampler: MixtureSampler, steps: int, train: TrainConfig, precision: str, lisa: LISAConfig,
+                     seed: int, validation_pool: SourcePool | None = None, validation=None,
+                     loss_sums_fn: LossSumsFn = example_loss_sums, normalize_by: str = "tokens",
+                     start_metrics: dict | None = None, resume: bool = False) -> dict:
+    """The supervised run of sft and distill: AdamW + schedule (+ LISA) around the shared loop; returns the last
+    step's metrics."""
+    optimizer = build_adamw(model, train)
+    scheduler = build_scheduler(optimizer, train, steps)
+    layer_samplers = {"model": make_lisa(model, optimizer, lisa, seed)} if lisa.enabled else {}
+    loop = Loop(
+        name=name, config=config, output_dir=output_dir, env=env, steps=steps, schedule=train,
+        modules={"model": model}, optimizers={"model": (model, optimizer)},
+        stateful={"scheduler": scheduler, "sampler": sampler}, layer_samplers=layer_samplers,
+        start_record={"sources": pool.names, "source_sizes": pool.sizes,
+                      "data_stats": [vars(s) for s in pool.stats], **(start_metrics or {})},
+        validate=(validation_fn(model, validation_pool, env, validation.batch_size, precision, pad_id)
+                  if validation_pool is not None else None),
+        validate_every=validation.every if validation is not None else None)
+    step_fn = supervised_step_fn(model, optimizer, scheduler, sampler, pool, env,
+                                 micro_batch_size=train.micro_batch_size, precision=precision,
+                                 max_grad_norm=train.max_grad_norm, pad_id=pad_id, loss_sums_fn=loss_sums_fn,
+                                 normalize_by=normalize_by)
+    return run_loop(loop, step_fn, resume)

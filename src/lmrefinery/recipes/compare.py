@@ -25,22 +25,26 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from lmrefinery.compare_config import CompareConfig
+import gc
+
+import torch
+
 from lmrefinery.config import SFTConfig, TeacherConfig, dump_config
+from lmrefinery.config.compare import CompareConfig
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
+from lmrefinery.logs import configure_logging
 from lmrefinery.recipes import compare_methods as methods
+from lmrefinery.recipes import demo_data, sft, teacher
 from lmrefinery.recipes.compare_report import write_report
 from lmrefinery.recipes.stages import run_stage, save_student_init
+from lmrefinery.train.precision import peak_memory_bytes
 
 log = logging.getLogger(__name__)
 
 
 def _in_child(function, *args) -> dict:
     """Runs in the method's own process: the result plus the process's wall time and peak memory."""
-    from lmrefinery.cli import configure_logging
-    from lmrefinery.train.precision import peak_memory_bytes
-
     configure_logging()
     start = time.perf_counter()
     result = function(*args)
@@ -82,8 +86,6 @@ def _mixture(config: CompareConfig, out: Path, isolate: bool) -> dict:
 
 def _shared_distillation_stages(config: CompareConfig, out: Path) -> dict:
     """Teacher (optionally fine-tuned), its caches of the training and validation conversations, the student init."""
-    from lmrefinery.recipes import sft, teacher
-
     distillation = config.distillation
     timings = {}
     teacher_model = distillation.teacher.name_or_path
@@ -118,10 +120,6 @@ def _shared_distillation_stages(config: CompareConfig, out: Path) -> dict:
 
 
 def _release_accelerator_memory() -> None:
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -135,13 +133,17 @@ def _distillation(config: CompareConfig, out: Path, isolate: bool) -> tuple[dict
         shared = _shared_distillation_stages(config, out)
         atomic_write_json(shared_path, shared)
     results = {}
-    for name in config.distillation.methods:
+    methods_to_run = list(config.distillation.methods)
+    if "sft_temperature" in methods_to_run and "sft" not in methods_to_run:
+        methods_to_run.insert(methods_to_run.index("sft_temperature"), "sft")  # it scales sft's model
+    for name in methods_to_run:
+        inputs = {"sft_model": results["sft"]["model"]} if name == "sft_temperature" else {}
         results[name] = run_method(out / name, methods.DISTILLATION[name], config, shared, str(out / name),
-                                   isolate=isolate)
-    return results, shared
+                                   *inputs.values(), isolate=isolate)
+    return {name: results[name] for name in config.distillation.methods}, shared
 
 
-def run(config: CompareConfig, resume: bool = False, isolate: bool = True) -> Path:
+def run(config: CompareConfig, isolate: bool = True) -> Path:
     """`isolate=False` runs every method in this process (tests of the orchestration only: memory is then shared)."""
     _check_budget(config)
     out = Path(config.output_dir)
@@ -154,10 +156,8 @@ def run(config: CompareConfig, resume: bool = False, isolate: bool = True) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(previous, resolved)
     if config.demo_data is not None:
-        from lmrefinery.recipes import demo_data
-        from lmrefinery.recipes.demo import PRESETS
-
-        demo_data.build(out / "data", PRESETS[config.demo_data], config.seed)
+        config = demo_data.fill_compare_paths(config, demo_data.build(out / "data", demo_data.PRESETS[config.demo_data],
+                                                                      config.seed))
     results = {"mixture": None, "distillation": None, "shared": None}
     if config.mixture is not None:
         results["mixture"] = _mixture(config, out / "mixture", isolate)

@@ -25,20 +25,6 @@ from lmrefinery.recipes.stages import evaluate_answers, evaluate_mcq, run_stage,
 
 log = logging.getLogger(__name__)
 
-# "batch" is the SFT/teacher/student batch (mix_examples = sft_steps × batch: one pass over the mix). The quick preset
-# is sized for ≤ 3 minutes on 2 CPU cores; only the default one is sized for the weights to find the noisy sources.
-PRESETS = {
-    "quick": {"per_source": 16, "validation": 8, "test": 8, "max_length": 128, "reweight_steps": 3,
-              "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.2, "mix_examples": 8, "sft_steps": 2,
-              "batch": 4, "mcq_train": 16, "mcq_heldout": 8, "mcq_test": 8, "teacher_steps": 2, "distill_steps": 2,
-              "keep_every": 3},
-    "default": {"per_source": 32, "validation": 16, "test": 24, "max_length": 192, "reweight_steps": 8,
-                "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.15, "mix_examples": 64, "sft_steps": 8,
-                "batch": 8, "mcq_train": 48, "mcq_heldout": 24, "mcq_test": 24, "teacher_steps": 8,
-                "distill_steps": 8, "keep_every": 3},
-}
-
-
 def _sources(paths: dict) -> list[dict]:
     return [{"name": name, "path": str(path)} for name, path in paths.items()]
 
@@ -121,8 +107,8 @@ def first_story(out: Path, paths: dict, preset: dict, model: str, seed: int) -> 
     return results
 
 
-def run(config: DemoConfig, resume: bool = False) -> Path:
-    preset = dict(PRESETS[config.preset])
+def run(config: DemoConfig) -> Path:
+    preset = dict(demo_data.PRESETS[config.preset])
     if config.max_length is not None:
         preset["max_length"] = config.max_length
     out = Path(config.output_dir)

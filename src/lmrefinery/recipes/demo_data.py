@@ -10,8 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmrefinery.data.builders import (corrupt_answers, kjv_records, mcq_conversation, mcq_items,
-                                      reasoning_gym_records, write_jsonl)
+from lmrefinery.config import SourceConfig
+from lmrefinery.config.compare import CompareConfig
+from lmrefinery.data.builders import corrupt_answers, kjv_records, mcq_items, reasoning_gym_records, write_jsonl
+from lmrefinery.data.mcq_items import mcq_conversation
+
+# "batch" is the SFT/teacher/student batch (mix_examples = sft_steps × batch: one pass over the mix). The quick preset
+# is sized for ≤ 3 minutes on 2 CPU cores; only the default one is sized for the weights to find the noisy sources.
+PRESETS = {
+    "quick": {"per_source": 16, "validation": 8, "test": 8, "max_length": 128, "reweight_steps": 3,
+              "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.2, "mix_examples": 8, "sft_steps": 2,
+              "batch": 4, "mcq_train": 16, "mcq_heldout": 8, "mcq_test": 8, "teacher_steps": 2, "distill_steps": 2,
+              "keep_every": 3},
+    "default": {"per_source": 32, "validation": 16, "test": 24, "max_length": 192, "reweight_steps": 8,
+                "reweight_batch": 8, "val_batch": 4, "lr_weights": 0.15, "mix_examples": 64, "sft_steps": 8,
+                "batch": 8, "mcq_train": 48, "mcq_heldout": 24, "mcq_test": 24, "teacher_steps": 8,
+                "distill_steps": 8, "keep_every": 3},
+}
+
 
 TARGET = "basic_arithmetic"
 # Small numbers keep the target within reach of a 135M model, so accuracy can move in a few steps.
@@ -63,3 +79,22 @@ def build(directory: Path, sizes: dict, seed: int) -> dict:
         if split != "test":
             once(paths["mcq"][f"{split}_conversations"], lambda items=items: [mcq_conversation(i) for i in items()])
     return paths
+
+
+def fill_compare_paths(config: CompareConfig, paths: dict) -> CompareConfig:
+    """`compare` with `demo_data`: every source and split path the config leaves out, from the built files."""
+    update = {}
+    if config.mixture is not None:
+        mixture = config.mixture
+        update["mixture"] = mixture.model_copy(update={
+            "sources": mixture.sources or [SourceConfig(name=name, path=str(path))
+                                           for name, path in paths["sources"].items()],
+            "validation": mixture.validation or [SourceConfig(name="target", path=str(paths["validation"]))],
+            "test": mixture.test or [SourceConfig(name="target_test", path=str(paths["test"]))]})
+    if config.distillation is not None:
+        distillation, mcq = config.distillation, paths["mcq"]
+        update["distillation"] = distillation.model_copy(update={
+            "train": distillation.train or [SourceConfig(name="mcq", path=str(mcq["train_conversations"]))],
+            "validation_items": distillation.validation_items or str(mcq["heldout"]),
+            "test_items": distillation.test_items or str(mcq["test"])})
+    return config.model_copy(update=update)

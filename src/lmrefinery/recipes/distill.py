@@ -2,7 +2,7 @@
 by full-vocabulary KD from a live teacher.
 
 setup (the cache and the very examples it was made from; the student: its own model or `keep-layers` of the
-teacher; the temperature from calibrate) → the shared training loop with the distillation loss → save.
+teacher; the temperature from calibrate) → the shared supervised run with the distillation loss → save.
 """
 
 from __future__ import annotations
@@ -15,44 +15,36 @@ import torch
 
 from lmrefinery.config import DistillConfig, ModelConfig, validate_config
 from lmrefinery.data.sampling import MixtureSampler
-from lmrefinery.data.tokenize import IGNORE_INDEX
-from lmrefinery.distill.losses import topk_kl_per_position
+from lmrefinery.data.sources import load_pool
+from lmrefinery.data.tokenize import ChatEncoder
+from lmrefinery.distill.losses import online_kd_sums, topk_distillation_sums
 from lmrefinery.distill.student import every_nth, keep_layers
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json
 from lmrefinery.models import find_decoder_layers, load_model
 from lmrefinery.models.loading import enable_activation_checkpointing
-from lmrefinery.data.sources import load_pool
-from lmrefinery.data.tokenize import ChatEncoder
-from lmrefinery.recipes.common import accumulation_steps, load_cache_with_data, total_steps
+from lmrefinery.recipes.common import accumulation_steps, load_cache_with_data, total_steps, train_supervised
 from lmrefinery.train.checkpoint import seed_everything
 from lmrefinery.train.distributed import setup_distributed, shard_model
-from lmrefinery.train.loop import TrainingSetup, train
-from lmrefinery.train.precision import autocast
+from lmrefinery.train.losses import causal_logits, response_logits
 from lmrefinery.train.run_dir import check_output_dir
 from lmrefinery.train.save import save_hf_model
 
 log = logging.getLogger(__name__)
 
 
-def _teacher_model_config(manifest: dict, student: ModelConfig | None = None) -> ModelConfig:
+def teacher_model_config(manifest: dict, compute: dict | None = None) -> ModelConfig:
+    """The teacher's model config from the cache manifest, computing as the student does when `compute` is given."""
     config = validate_config(ModelConfig, manifest["model"], "cache manifest model")
-    if student is not None:
-        config = config.model_copy(update={"precision": student.precision,
-                                           "attn_implementation": student.attn_implementation,
-                                           "gradient_checkpointing": False})
-    return config
+    return config.model_copy(update=compute) if compute is not None else config
 
 
-def build_student(config: DistillConfig, manifest: dict, device) -> tuple[torch.nn.Module, ModelConfig]:
-    options = {"precision": config.student.precision, "attn_implementation": config.student.attn_implementation,
-               "gradient_checkpointing": False}
+def build_student(config: DistillConfig, manifest: dict, device) -> torch.nn.Module:
+    compute = config.student.compute() | {"gradient_checkpointing": False}
     if config.student.init == "model":
-        model_config = ModelConfig(name_or_path=config.student.name_or_path, **options)
-        model = load_model(model_config, device)
+        model = load_model(ModelConfig(name_or_path=config.student.name_or_path, **compute), device)
     else:
-        teacher_config = _teacher_model_config(manifest).model_copy(update=options)
-        teacher = load_model(teacher_config, device)
+        teacher = load_model(teacher_model_config(manifest, compute), device)
         total = len(find_decoder_layers(teacher))
         keep = config.student.keep_layers or every_nth(total, config.student.keep_every)
         try:
@@ -60,11 +52,10 @@ def build_student(config: DistillConfig, manifest: dict, device) -> tuple[torch.
         except ValueError as exc:
             raise UserError(f"student.keep_layers: {exc}") from None
         del teacher
-        model_config = teacher_config
         log.info("student: teacher blocks %s of %d", keep, total)
     if config.student.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    return model, model_config
+    return model
 
 
 def resolve_temperature(config: DistillConfig) -> float:
@@ -84,36 +75,23 @@ def resolve_temperature(config: DistillConfig) -> float:
 
 
 def cached_loss_fn(cache, loss, temperature: float):
+    """Loss sums of a batch against its cache rows (looked up by the batch's pool indices)."""
+    settings = {"teacher_transform": loss.teacher_transform, "temperature": temperature,
+                "other_bucket": loss.other_bucket, "label_smoothing": loss.label_smoothing,
+                "hard_label_weight": loss.hard_label_weight}
+
     def loss_sums(model, batch, precision):
-        with autocast(precision, batch.input_ids.device):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        mask = batch.labels[:, 1:] != IGNORE_INDEX
-        ids, logprobs, tail = (t.to(logits.device) for t in cache.batch_rows(batch.example_ids.tolist()))
-        per_position = topk_kl_per_position(
-            logits[:, :-1][mask], ids, logprobs, teacher_transform=loss.teacher_transform, temperature=temperature,
-            other_bucket=loss.other_bucket, label_smoothing=loss.label_smoothing, teacher_tail=tail,
-            labels=batch.labels[:, 1:][mask], hard_label_weight=loss.hard_label_weight)
-        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-        sums = torch.zeros(mask.shape[0], dtype=per_position.dtype, device=per_position.device)
-        return sums.index_add(0, rows, per_position), mask.sum(dim=1)
+        ids, logprobs, tail = cache.batch_rows(batch.example_ids.tolist())
+        return topk_distillation_sums(response_logits(model, batch, precision), ids, logprobs, tail, **settings)
     return loss_sums
 
 
-def online_loss_fn(teacher, temperature: float, precision: str):
-    """Full-vocabulary KD: KL(softmax(teacher / T) ‖ softmax(student / T)) · T² at every response position."""
-    def loss_sums(model, batch, precision_):
-        with torch.no_grad(), autocast(precision, batch.input_ids.device):
-            teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     use_cache=False).logits
-        with autocast(precision, batch.input_ids.device):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        mask = batch.labels[:, 1:] != IGNORE_INDEX
-        target = torch.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)
-        student = torch.log_softmax(logits[:, :-1][mask].float() / temperature, dim=-1)
-        per_position = (target.exp() * (target - student)).sum(-1) * temperature ** 2
-        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-        sums = torch.zeros(mask.shape[0], dtype=per_position.dtype, device=per_position.device)
-        return sums.index_add(0, rows, per_position), mask.sum(dim=1)
+def online_loss_fn(teacher, temperature: float):
+    def loss_sums(model, batch, precision):
+        response = response_logits(model, batch, precision)
+        with torch.no_grad():
+            teacher_logits = causal_logits(teacher, batch, precision)[:, :-1][response.mask]
+        return online_kd_sums(response, teacher_logits, temperature)
     return loss_sums
 
 
@@ -133,29 +111,31 @@ def run(config: DistillConfig, resume: bool = False) -> Path:
     steps = total_steps(config.train.steps, config.train.epochs, pool, config.train.batch_size)
     sampler = MixtureSampler.build(config.sampling, pool.names, pool.source_indices(), config.train.batch_size,
                                    config.seed)
-    model, student_config = build_student(config, cache.manifest, env.device)
+    model = build_student(config, cache.manifest, env.device)
     cache.check_vocabulary(model.get_output_embeddings().weight.shape[0])
     if config.loss.mode == "online":
-        teacher = load_model(_teacher_model_config(cache.manifest, student_config), env.device).eval()
-        loss_fn = online_loss_fn(teacher, config.loss.online_temperature, config.student.precision)
+        compute = config.student.compute() | {"gradient_checkpointing": False}
+        teacher = load_model(teacher_model_config(cache.manifest, compute), env.device).eval()
+        loss_fn = online_loss_fn(teacher, config.loss.online_temperature)
     else:
         loss_fn = cached_loss_fn(cache, config.loss, temperature)
     model = shard_model(model, env)
     model.train()
 
-    last_loss = train(TrainingSetup(
+    last = train_supervised(
         name="distill", config=config, output_dir=output_dir, env=env, model=model, pad_id=tokenizer.pad_token_id,
         pool=pool, sampler=sampler, steps=steps, train=config.train, precision=config.student.precision,
         lisa=config.lisa, seed=config.seed, validation_pool=validation_pool, validation=config.validation,
         loss_sums_fn=loss_fn, normalize_by="tokens" if config.loss.reduction == "token_mean" else "examples",
-        start_metrics={"accumulation": accumulation, "temperature": temperature, "mode": config.loss.mode}), resume)
+        start_metrics={"accumulation": accumulation, "temperature": temperature, "mode": config.loss.mode},
+        resume=resume)
 
     model_dir = output_dir / "model"
     if config.save_model:
         save_hf_model(model, tokenizer, model_dir, env)
     if env.is_main:
         atomic_write_json(output_dir / "summary.json", {
-            "command": "distill", "steps": steps, "final_loss": last_loss, "mode": config.loss.mode,
+            "command": "distill", "steps": steps, "final_loss": last.get("loss"), "mode": config.loss.mode,
             "teacher": cache.manifest["teacher"], "temperature": temperature,
             "teacher_transform": config.loss.teacher_transform, "model": str(model_dir) if config.save_model else None})
         log.info("outputs in %s (model: %s)", output_dir, model_dir)

@@ -7,13 +7,14 @@ import json
 import logging
 from pathlib import Path
 
-from lmrefinery.config import EvaluateConfig, dump_config
-from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, expected_calibration_error,
-                                               maximum_calibration_error, negative_log_likelihood,
-                                               reliability_diagram)
+from lmrefinery.config import (EvaluateConfig, ExactMatchEvaluateConfig, LossEvaluateConfig, MCQEvaluateConfig,
+                               dump_config)
+from lmrefinery.data.mcq_items import load_items
+from lmrefinery.data.tokenize import ChatEncoder
+from lmrefinery.evaluation.calibration import reliability_diagram
 from lmrefinery.evaluation.exact_match import generate_answers, load_prompts, score
 from lmrefinery.evaluation.loss import evaluate_loss
-from lmrefinery.evaluation.mcq import load_items, score_items
+from lmrefinery.evaluation.mcq import mcq_metrics, score_items
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.models import load_model, load_tokenizer
 from lmrefinery.recipes.common import load_data
@@ -23,7 +24,7 @@ from lmrefinery.train.distributed import progress_bar, setup_distributed, shard_
 log = logging.getLogger(__name__)
 
 
-def _loss(config: EvaluateConfig, env) -> dict:
+def _loss(config: LossEvaluateConfig, env, output_dir: Path) -> dict:
     tokenizer, pool, _ = load_data(config.model, config.data)
     model = shard_model(load_model(config.model, env.device), env)
     batches = -(-len(pool.examples) // (config.batch_size * env.world_size))
@@ -37,38 +38,14 @@ def _loss(config: EvaluateConfig, env) -> dict:
     return {"task": "loss", "model": config.model.name_or_path, "sources": pool.names, **result}
 
 
-def mcq_metrics(results: list[dict], n_bins: int) -> dict:
-    """Accuracy and calibration in both views: full-vocabulary top-1 token and option-restricted."""
-    import numpy as np
-
-    def view(correct_key, confidence_key, probabilities, gold_probabilities):
-        correct = [float(r[correct_key]) for r in results]
-        confidence = [r[confidence_key] for r in results]
-        return {"accuracy": float(np.mean(correct)),
-                "ece": expected_calibration_error(confidence, correct, n_bins),
-                "adaptive_ece": adaptive_calibration_error(confidence, correct, n_bins),
-                "mce": maximum_calibration_error(confidence, correct, n_bins),
-                "brier": brier_score(probabilities, [r["gold_index"] for r in results]),
-                "nll": negative_log_likelihood(gold_probabilities),
-                "mean_confidence": float(np.mean(confidence))}
-
-    widest = max(len(r["option_masses"]) for r in results)
-    padded = lambda key: [r[key] + [0.0] * (widest - len(r[key])) for r in results]  # noqa: E731
-    full = view("correct", "confidence", padded("option_masses"), [r["gold_probability"] for r in results])
-    options = view("option_correct", "option_confidence", padded("option_probabilities"),
-                   [r["option_probabilities"][r["gold_index"]] for r in results])
-    return {"items": len(results), "full_vocabulary": full, "options": options,
-            "format_misses": sum(r["predicted"] is None for r in results)}
-
-
-def _mcq(config: EvaluateConfig, env, output_dir: Path) -> dict:
-    tokenizer = load_tokenizer(config.model)
+def _mcq(config: MCQEvaluateConfig, env, output_dir: Path) -> dict:
+    encoder = ChatEncoder(load_tokenizer(config.model), config.data.system_prompt)
     per_source = {}
     items_by_source = {s.name: load_items(s.path, config.data.on_bad_record) for s in config.data.sources}
     model = load_model(config.model, env.device)
     all_results = []
     for name, items in items_by_source.items():
-        results = score_items(model, tokenizer, items, config.batch_size, config.model.precision, env.device,
+        results = score_items(model, encoder, items, config.batch_size, config.model.precision, env.device,
                               config.temperature)
         for result in results:
             result["source"] = name
@@ -92,13 +69,13 @@ def _mcq(config: EvaluateConfig, env, output_dir: Path) -> dict:
             "per_source": per_source}
 
 
-def _exact_match(config: EvaluateConfig, env, output_dir: Path) -> dict:
-    tokenizer = load_tokenizer(config.model)
+def _exact_match(config: ExactMatchEvaluateConfig, env, output_dir: Path) -> dict:
+    encoder = ChatEncoder(load_tokenizer(config.model), config.data.system_prompt)
     items_by_source = {s.name: load_prompts(s.path) for s in config.data.sources}
     model = load_model(config.model, env.device)
     rows, per_source = [], {}
     for name, items in items_by_source.items():
-        answers = generate_answers(model, tokenizer, items, config.batch_size, config.max_new_tokens, env.device)
+        answers = generate_answers(model, encoder, items, config.batch_size, config.max_new_tokens, env.device)
         scores = [score(item, answer) for item, answer in zip(items, answers)]
         per_source[name] = {"accuracy": sum(s == 1.0 for s in scores) / len(scores),
                             "mean_score": sum(scores) / len(scores), "items": len(scores)}
@@ -115,10 +92,10 @@ def _exact_match(config: EvaluateConfig, env, output_dir: Path) -> dict:
             "overall": overall, "per_source": per_source}
 
 
-TASKS = {"loss": lambda config, env, output_dir: _loss(config, env), "mcq": _mcq, "exact_match": _exact_match}
+TASKS = {"loss": _loss, "mcq": _mcq, "exact_match": _exact_match}
 
 
-def run(config: EvaluateConfig, resume: bool = False) -> Path:
+def run(config: EvaluateConfig) -> Path:
     env = setup_distributed()
     seed_everything(config.seed, env.rank)
     output_dir = Path(config.output_dir)

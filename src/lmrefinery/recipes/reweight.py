@@ -1,41 +1,62 @@
 """`lmrefinery reweight`: learn per-source data weights with ScaleBiO on an LLM.
 
-setup (data, two model copies u and w, optional LISA on each, the ScaleBiO core) → steps (one training batch drawn
-uniformly from the pooled sources + one validation batch) → outputs (weights.json, weights.csv, plots, report.md).
+setup (data, two model copies u and w, optional LISA on each, the ScaleBiO core) → the shared loop, each step one
+training batch drawn uniformly from the pooled sources + one validation batch → outputs (weights.json, weights.csv,
+plots, report.md).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from lmrefinery.config import ReweightConfig, SamplingConfig
 from lmrefinery.data.collate import collate, rank_micro_batches
 from lmrefinery.data.sampling import MixtureSampler
-from lmrefinery.errors import TrainingDiverged, UserError
-from lmrefinery.lisa import LISA
 from lmrefinery.models import load_model
-from lmrefinery.recipes.common import accumulation_steps, load_data, source_counts, total_steps
+from lmrefinery.recipes.common import accumulation_steps, load_data, make_lisa, total_steps
 from lmrefinery.recipes.reweight_report import write_outputs
 from lmrefinery.scalebio import ScaleBiO
-from lmrefinery.train.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_state,
-                                        save_checkpoint, seed_everything)
-from lmrefinery.train.distributed import all_reduce_sum, progress_bar, setup_distributed, shard_model
+from lmrefinery.train.checkpoint import seed_everything
+from lmrefinery.train.distributed import all_reduce_sum, setup_distributed, shard_model
+from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import example_loss_sums
-from lmrefinery.train.precision import peak_memory_bytes
-from lmrefinery.train.run_dir import MetricsLog, check_output_dir, start_run
+from lmrefinery.train.run_dir import check_output_dir
 from lmrefinery.train.save import save_hf_model
 
 log = logging.getLogger(__name__)
 POOLED = SamplingConfig(strategy="proportional")  # uniform over the pooled examples, as the method prescribes
 
 
+def build_core(config: ReweightConfig, upper, lower, num_sources: int, steps: int, env) -> ScaleBiO:
+    precision = config.model.precision
+
+    def train_loss_fn(model, batch):
+        sums, tokens = example_loss_sums(model, batch, precision)
+        return sums / tokens.clamp(min=1), batch.source_ids
+
+    def val_loss_fn(model, batch):
+        sums, tokens = example_loss_sums(model, batch, precision)
+        return sums.sum() / tokens.sum().clamp(min=1)
+
+    hyper, schedule = config.scalebio, config.train
+    return ScaleBiO(upper, num_sources, train_loss_fn, val_loss_fn, lower_model=lower, alpha=hyper.alpha,
+                    tau=hyper.tau, rounds=hyper.rounds, lr_lower=hyper.lr_lower, lr_upper=hyper.lr_upper,
+                    lr_weights=hyper.lr_weights, optimizer=hyper.optimizer, weight_decay=hyper.weight_decay,
+                    betas=hyper.adam_betas, eps=hyper.adam_eps, total_steps=steps, schedule=schedule.schedule,
+                    warmup_ratio=schedule.warmup_ratio, warmup_steps=schedule.warmup_steps,
+                    min_lr_ratio=schedule.min_lr_ratio, max_grad_norm=hyper.max_grad_norm,
+                    max_weight_grad_norm=hyper.max_weight_grad_norm, source_ids_fn=lambda batch: batch.source_ids,
+                    val_weight_fn=lambda batch: batch.supervised_tokens,
+                    all_reduce=lambda tensor: all_reduce_sum(tensor, env), gradient_sum_factor=env.world_size)
+
+
 def run(config: ReweightConfig, resume: bool = False) -> Path:
     env = setup_distributed()
     output_dir = check_output_dir(config.output_dir, resume)
     seed_everything(config.seed, env.rank)
-    train, precision = config.train, config.model.precision
+    train = config.train
 
     tokenizer, pool, extras = load_data(config.model, config.data, {"validation": config.validation.sources})
     validation = extras["validation"]
@@ -50,53 +71,11 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
     lower = shard_model(load_model(config.model, env.device), env)
     upper.train()
     lower.train()
-
-    def train_loss_fn(model, batch):
-        sums, tokens = example_loss_sums(model, batch, precision)
-        return sums / tokens.clamp(min=1), batch.source_ids
-
-    def val_loss_fn(model, batch):
-        sums, tokens = example_loss_sums(model, batch, precision)
-        return sums.sum() / tokens.sum().clamp(min=1)
-
-    hyper = config.scalebio
-    core = ScaleBiO(upper, len(pool.names), train_loss_fn, val_loss_fn, lower_model=lower, alpha=hyper.alpha,
-                    tau=hyper.tau, rounds=hyper.rounds, lr_lower=hyper.lr_lower, lr_upper=hyper.lr_upper,
-                    lr_weights=hyper.lr_weights, optimizer=hyper.optimizer, weight_decay=hyper.weight_decay,
-                    total_steps=steps, schedule=train.schedule, warmup_ratio=train.warmup_ratio,
-                    max_grad_norm=hyper.max_grad_norm, max_weight_grad_norm=hyper.max_weight_grad_norm,
-                    source_ids_fn=lambda batch: batch.source_ids, val_weight_fn=lambda batch: batch.supervised_tokens,
-                    all_reduce=lambda tensor: all_reduce_sum(tensor, env), gradient_sum_factor=env.world_size)
+    core = build_core(config, upper, lower, len(pool.names), steps, env)
     lisas = {}
-    if config.lisa.enabled:
-        settings = config.lisa.model_dump(exclude={"enabled"})
-        try:  # u and w draw their layers independently
-            lisas = {"lower": LISA(lower, core.lower_optimizer, seed=2 * config.seed + 1, **settings),
-                     "upper": LISA(upper, core.upper_optimizer, seed=2 * config.seed + 2, **settings)}
-        except ValueError as exc:
-            raise UserError(f"lisa: {exc}") from None
-
-    modules = {"lower": lower, "upper": upper}
-    optimizers = {"lower": (lower, core.lower_optimizer), "upper": (upper, core.upper_optimizer)}
-    start_run(output_dir, config, env.is_main)
-    start_step = 0
-    checkpoint = latest_checkpoint(output_dir, env) if resume else None
-    if checkpoint is not None:
-        saved = read_checkpoint_state(checkpoint)
-        for name, lisa in lisas.items():
-            lisa.load_state_dict(saved["lisa"][name])
-        state = load_checkpoint(checkpoint, env, modules, optimizers)
-        core.load_state_dict(state["objects"]["scalebio"])
-        train_sampler.load_state_dict(state["train_sampler"])
-        val_sampler.load_state_dict(state["val_sampler"])
-        start_step = state["step"]
-        log.info("resuming from %s", checkpoint)
-    metrics = MetricsLog(output_dir / "metrics.jsonl", env.is_main, resume_step=start_step if resume else None)
-    if start_step == 0:
-        metrics.write(step=0, event="start", sources=pool.names, source_sizes=pool.sizes,
-                      validation_sources=validation.names, validation_size=len(validation.examples),
-                      world_size=env.world_size, total_steps=steps, weights=core.weights.tolist(),
-                      data_stats=[vars(s) for s in pool.stats])
+    if config.lisa.enabled:  # u and w draw their layers independently
+        lisas = {"lower": make_lisa(lower, core.lower_optimizer, config.lisa, 2 * config.seed + 1),
+                 "upper": make_lisa(upper, core.upper_optimizer, config.lisa, 2 * config.seed + 2)}
 
     def micro_batches(sampler, examples_pool):
         indices = sampler.next_batch()
@@ -104,38 +83,28 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
                    for share in rank_micro_batches(indices, env.rank, env.world_size, train.micro_batch_size)]
         return indices, batches
 
-    def checkpoint_now(step: int) -> None:
-        save_checkpoint(output_dir, step, env, modules, optimizers,
-                        {"train_sampler": train_sampler.state_dict(), "val_sampler": val_sampler.state_dict(),
-                         "lisa": {name: lisa.state_dict() for name, lisa in lisas.items()}},
-                        train.keep_last, objects={"scalebio": core.state_dict(include_models=False)})
-
-    short = [name[:10] for name in pool.names]
-    progress = progress_bar(env, steps, "reweight", start_step)
-    for step in range(start_step, steps):
+    def step(index: int) -> dict:
         train_indices, train_batches = micro_batches(train_sampler, pool)
         _, val_batches = micro_batches(val_sampler, validation)
-        started = time.perf_counter()
-        try:
-            result = core.step(train_batches, val_batches)
-        except FloatingPointError as exc:
-            raise TrainingDiverged(str(exc)) from None
-        elapsed = time.perf_counter() - started
-        done = step + 1
-        for name, lisa in lisas.items():
-            if lisa.steps_taken % lisa.interval == 0:
-                metrics.write(step=done, event=f"lisa_{name}", **lisa.summary())
-            lisa.step()
-        weights = core.weights.tolist()
-        if done % train.log_every == 0 or done == steps:
-            metrics.write(step=done, weights=dict(zip(pool.names, weights)), **result, step_time_s=elapsed,
-                          peak_memory_bytes=peak_memory_bytes(env.device),
-                          source_counts=source_counts(pool, train_indices))
-        progress.update(1)
-        progress.set_postfix_str(" ".join(f"{n}={w:.3f}" for n, w in zip(short, weights)))
-        if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == steps:
-            checkpoint_now(done)
-    progress.close()
+        result = core.step(train_batches, val_batches)
+        return {"weights": dict(zip(pool.names, core.weights.tolist())), **result,
+                "source_counts": pool.counts(train_indices)}
+
+    short = [name[:10] for name in pool.names]
+    loop = Loop(
+        name="reweight", config=config, output_dir=output_dir, env=env, steps=steps, schedule=train,
+        modules={"lower": lower, "upper": upper},
+        optimizers={"lower": (lower, core.lower_optimizer), "upper": (upper, core.upper_optimizer)},
+        stateful={"train_sampler": train_sampler, "val_sampler": val_sampler},
+        # λ and its optimizer; u and w with their optimizers are checkpointed as modules above
+        objects={"scalebio": SimpleNamespace(state_dict=lambda: core.state_dict(include_models=False),
+                                             load_state_dict=core.load_state_dict)},
+        layer_samplers=lisas,
+        start_record={"sources": pool.names, "source_sizes": pool.sizes, "validation_sources": validation.names,
+                      "validation_size": len(validation.examples), "weights": core.weights.tolist(),
+                      "data_stats": [vars(s) for s in pool.stats]},
+        postfix=lambda metrics: " ".join(f"{n}={w:.3f}" for n, w in zip(short, metrics["weights"].values())))
+    run_loop(loop, step, resume)
 
     if config.save_upper_model:
         save_hf_model(upper, tokenizer, output_dir / "upper_model", env)

@@ -3,12 +3,17 @@ resumed when an interrupted run left checkpoints. Also the stages both pipelines
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
 from pathlib import Path
 
-from lmrefinery.config import EvaluateConfig, StudentConfig, validate_config
+from lmrefinery.config import EvaluateConfig, ModelConfig, StudentConfig, validate_config
+from lmrefinery.distill.student import every_nth, keep_layers
+from lmrefinery.fileio import atomic_directory
+from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
+from lmrefinery.recipes import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -23,26 +28,30 @@ def run_stage(recipe, config_class, tree: dict, done: Path, resume_from: Path | 
     resume = (resume_from is not None and (resume_from / "checkpoints").exists()) or any(output.glob("shard-*"))
     if output.exists() and not resume:
         shutil.rmtree(output)  # nothing to resume from: a partial run directory would only be refused
-    recipe.run(validate_config(config_class, tree), resume=resume)
+    config = validate_config(config_class, tree)
+    if "resume" in inspect.signature(recipe.run).parameters:
+        recipe.run(config, resume=resume)
+    else:
+        recipe.run(config)
     if resume_from is not None:  # finished: its checkpoints only served resuming (they hold GBs of optimizer state)
         shutil.rmtree(resume_from / "checkpoints", ignore_errors=True)
 
 
 def evaluate_answers(directory: Path, model: str | Path, test_sources: list[dict], max_length: int,
-                     exact_match: bool = True, max_new_tokens: int = 12) -> dict:
+                     exact_match: bool = True, max_new_tokens: int = 12, precision: str = "fp32",
+                     batch_size: int = 8) -> dict:
     """Held-out loss (with token-level calibration) and, optionally, exact-match accuracy of greedy answers."""
-    from lmrefinery.recipes import evaluate
-
-    common = {"model": {"name_or_path": str(model)}, "data": {"sources": test_sources, "max_length": max_length},
-              "batch_size": 8}
-    run_stage(evaluate, EvaluateConfig, {"output_dir": str(directory / "loss"), "task": "loss", **common},
+    common = {"model": {"name_or_path": str(model), "precision": precision}, "batch_size": batch_size}
+    run_stage(evaluate, EvaluateConfig, {"output_dir": str(directory / "loss"), "task": "loss", **common,
+                                         "data": {"sources": test_sources, "max_length": max_length}},
               directory / "loss" / "eval.json")
     loss = json.loads((directory / "loss" / "eval.json").read_text())["overall"]
     result = {"test_loss": loss["loss"], "token_accuracy": loss["token_accuracy"], "token_ece": loss["token_ece"],
               "token_brier": loss["token_brier"]}
     if exact_match:
         run_stage(evaluate, EvaluateConfig, {"output_dir": str(directory / "exact"), "task": "exact_match",
-                                             "max_new_tokens": max_new_tokens, **common},
+                                             "max_new_tokens": max_new_tokens, **common,
+                                             "data": {"sources": test_sources}},
                   directory / "exact" / "eval.json")
         exact = json.loads((directory / "exact" / "eval.json").read_text())["overall"]
         result.update(exact_match=exact["accuracy"], mean_score=exact["mean_score"])
@@ -50,24 +59,17 @@ def evaluate_answers(directory: Path, model: str | Path, test_sources: list[dict
 
 
 def evaluate_mcq(directory: Path, model: str | Path, items: str | Path, n_bins: int = 10,
-                 temperature: float = 1.0) -> dict:
-    from lmrefinery.recipes import evaluate
-
+                 temperature: float = 1.0, precision: str = "fp32", batch_size: int = 8) -> dict:
     run_stage(evaluate, EvaluateConfig, {
-        "output_dir": str(directory), "task": "mcq", "model": {"name_or_path": str(model)},
-        "data": {"sources": [{"name": "mcq_test", "path": str(items)}]}, "batch_size": 8, "n_bins": n_bins,
-        "temperature": temperature}, directory / "eval.json")
+        "output_dir": str(directory), "task": "mcq", "model": {"name_or_path": str(model), "precision": precision},
+        "data": {"sources": [{"name": "mcq_test", "path": str(items)}]}, "batch_size": batch_size,
+        "n_bins": n_bins, "temperature": temperature}, directory / "eval.json")
     return json.loads((directory / "eval.json").read_text())["overall"]
 
 
 def save_student_init(teacher_dir: str | Path, target: Path, student: StudentConfig) -> Path:
     """The keep-layers student, saved as an HF model, so baselines that fine-tune it start from the same weights
     that `distill` builds."""
-    from lmrefinery.config import ModelConfig
-    from lmrefinery.distill.student import every_nth, keep_layers
-    from lmrefinery.fileio import atomic_directory
-    from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
-
     if (target / "config.json").exists():
         return target
     config = ModelConfig(name_or_path=str(teacher_dir))

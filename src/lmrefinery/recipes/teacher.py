@@ -1,7 +1,6 @@
 """`lmrefinery teacher`: the teacher's top-k cache over the training data (spec/first.md §3).
 
-Batched teacher forward passes; at response positions only (those whose next token is supervised), an fp32
-log-softmax over the full vocabulary in chunks of positions, the top-k ids and log-probs and the tail log-mass.
+Batched teacher forward passes through `distill.topk.teacher_topk` (response positions only, fp32 log-softmax).
 Shards of `shard_size` examples are written atomically; a rerun with --resume keeps finished shards and redoes the
 rest. Under torchrun each process computes its own shards (a full teacher replica each); rank 0 writes the manifest.
 """
@@ -12,42 +11,20 @@ import logging
 from pathlib import Path
 
 import torch
+
 from lmrefinery.config import TeacherConfig
 from lmrefinery.data.collate import collate
-from lmrefinery.data.tokenize import IGNORE_INDEX
 from lmrefinery.distill.cache import (MANIFEST, ConcentrationStats, completed_shards, id_dtype_for,
                                       shard_provenance, write_manifest, write_shard)
-from lmrefinery.distill.losses import log1mexp
+from lmrefinery.distill.topk import teacher_topk
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import remove_temporaries
 from lmrefinery.models import load_model
 from lmrefinery.recipes.common import load_data
 from lmrefinery.train.checkpoint import seed_everything
 from lmrefinery.train.distributed import barrier, progress_bar, setup_distributed
-from lmrefinery.train.precision import autocast
 
 log = logging.getLogger(__name__)
-POSITION_CHUNK = 512  # positions per fp32 log-softmax: bounds the fp32 copy to 512 × vocabulary
-
-
-@torch.no_grad()
-def teacher_topk(model, batch, k: int, precision: str, stats: ConcentrationStats):
-    """Per example of the batch: (ids [P, k], logprobs [P, k], tail [P]) at its response positions."""
-    with autocast(precision, batch.input_ids.device):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    response = (batch.labels[:, 1:] != IGNORE_INDEX).to(logits.device)  # logits may sit on another GPU (device_map)
-    selected = logits[:, :-1][response]
-    keep = max(k, 10)
-    ids, logprobs, tails = [], [], []
-    for start in range(0, selected.shape[0], POSITION_CHUNK):
-        log_probs = torch.log_softmax(selected[start: start + POSITION_CHUNK].float(), dim=-1)
-        top = log_probs.topk(min(keep, log_probs.shape[-1]), dim=-1)
-        stats.add(top.values.exp())
-        ids.append(top.indices[:, :k])
-        logprobs.append(top.values[:, :k])
-        tails.append(log1mexp(torch.logsumexp(top.values[:, :k], dim=-1)))
-    counts = response.sum(dim=1).tolist()
-    return (torch.cat(ids).split(counts), torch.cat(logprobs).split(counts), torch.cat(tails).split(counts))
 
 
 def _check_cache_dir(output_dir: Path, resume: bool) -> None:

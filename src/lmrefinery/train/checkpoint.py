@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -78,8 +79,6 @@ def save_checkpoint(run_dir: Path, step: int, env: DistEnv, modules: dict[str, n
     `objects` (small, replicated, possibly holding tensors — e.g. ScaleBiO's logits and their optimizer) is saved
     by rank 0 with torch.save and comes back as state["objects"].
     """
-    from safetensors.torch import save_file
-
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step}"
     partial = root / f".step-{step}.tmp-partial"
@@ -132,8 +131,6 @@ def read_checkpoint_state(directory: Path) -> dict:
 def load_checkpoint(directory: Path, env: DistEnv, modules: dict[str, nn.Module],
                     optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]) -> dict:
     """Restore what save_checkpoint wrote into live (possibly sharded) modules; return the JSON state."""
-    from safetensors.torch import load_file
-
     for name, module in modules.items():
         set_model_state_dict(module, load_file(str(directory / f"{name}.safetensors")), options=SCATTER)
     for name, (module, optimizer) in optimizers.items():

@@ -6,12 +6,15 @@ gloo on CPU, nccl on CUDA. Only rank 0 writes files; every rank runs every colle
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from tqdm.auto import tqdm
 
 from lmrefinery.models.layers import find_decoder_layers
 
@@ -76,10 +79,6 @@ def broadcast_object(obj, env: DistEnv):
 
 def progress_bar(env: DistEnv, total: int, desc: str, initial: int = 0):
     """A tqdm bar on rank 0. Written to a log file rather than a terminal, it updates at most every 30 s."""
-    import sys
-
-    from tqdm.auto import tqdm
-
     interactive = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=not env.is_main, dynamic_ncols=True,
                 mininterval=0.1 if interactive else 30.0)
@@ -89,8 +88,6 @@ def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
     """FSDP2: each decoder block is one shard unit (so LISA can freeze blocks), the rest goes with the root."""
     if not env.distributed:
         return model
-    from torch.distributed.fsdp import fully_shard
-
     for block in find_decoder_layers(model):
         fully_shard(block)
     fully_shard(model)

@@ -1,126 +1,125 @@
-"""The supervised training loop shared by `sft` and `distill`: sampling → micro-batches → optimizer step, with LISA,
-validation, metrics, checkpoints and resume. Recipes set up the model, data and loss, then call `train`."""
+"""The training loop every trainer shares (sft, distill, reweight): resume, steps, LISA switches, validation, metrics,
+checkpoints, progress.
+
+A recipe describes its run as a `Loop` — what to checkpoint, how often, what to log at the start — and passes a
+`step_fn(step) -> metrics` that does one optimizer step (or one ScaleBiO step). The loop owns the order that resume
+depends on: LISA's active blocks come back before the optimizer state (the state-dict API restores optimizer state
+only for parameters that require grad), then modules and optimizers, then the small stateful objects (samplers,
+schedulers, ScaleBiO's λ).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from pydantic import BaseModel
+from torch import nn
+from torch.optim import Optimizer
 
-from lmrefinery.config import LISAConfig, TrainConfig, ValidationConfig
-from lmrefinery.data.collate import collate, rank_micro_batches
-from lmrefinery.data.sampling import MixtureSampler
-from lmrefinery.data.sources import SourcePool
-from lmrefinery.errors import UserError
-from lmrefinery.evaluation.loss import evaluate_loss
-from lmrefinery.lisa import LISA
-from lmrefinery.recipes.common import source_counts
-from lmrefinery.train.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_state,
-                                        save_checkpoint)
+from lmrefinery.config import ScheduleConfig
+from lmrefinery.train.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
 from lmrefinery.train.distributed import DistEnv, progress_bar
-from lmrefinery.train.losses import LossSumsFn, example_loss_sums, optimizer_step
-from lmrefinery.train.optim import build_adamw, build_scheduler
 from lmrefinery.train.precision import peak_memory_bytes
 from lmrefinery.train.run_dir import MetricsLog, start_run
 
 log = logging.getLogger(__name__)
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class LayerSampler(Stateful, Protocol):
+    """What the loop needs of LISA (lmrefinery.lisa.LISA), without depending on it."""
+
+    steps_taken: int
+    interval: int
+
+    def step(self) -> bool: ...
+
+    def summary(self) -> dict: ...
+
+
 @dataclass
-class TrainingSetup:
-    name: str                      # progress-bar label
-    config: BaseModel              # written to config.yaml
+class Loop:
+    name: str                                      # progress-bar label
+    config: BaseModel                              # written to config.yaml
     output_dir: Path
     env: DistEnv
-    model: object                  # sharded, in train mode
-    pad_id: int
-    pool: SourcePool
-    sampler: MixtureSampler
     steps: int
-    train: TrainConfig
-    precision: str
-    lisa: LISAConfig
-    seed: int
-    validation_pool: SourcePool | None = None
-    validation: ValidationConfig | None = None
-    loss_sums_fn: LossSumsFn = example_loss_sums
-    normalize_by: str = "tokens"
-    start_metrics: dict | None = None
+    schedule: ScheduleConfig                       # log_every, checkpoint_every, keep_last
+    modules: dict[str, nn.Module]                  # checkpointed as safetensors (full state dicts)
+    optimizers: dict[str, tuple[nn.Module, Optimizer]]
+    stateful: dict[str, Stateful] = field(default_factory=dict)   # JSON state (samplers, schedulers)
+    objects: dict[str, Stateful] = field(default_factory=dict)    # tensor-holding state (ScaleBiO's λ)
+    layer_samplers: dict[str, LayerSampler] = field(default_factory=dict)  # LISA, per trained model
+    start_record: dict = field(default_factory=dict)              # the step-0 "start" line of metrics.jsonl
+    validate: Callable[[int], dict] | None = None                 # step → metrics of a held-out evaluation
+    validate_every: int | None = None
+    postfix: Callable[[dict], str] = lambda metrics: f"loss={metrics['loss']:.4f}"
 
 
-def train(setup: TrainingSetup, resume: bool) -> float | None:
-    """Run the loop to `setup.steps`; returns the last training loss."""
-    env, train_config, model, output_dir = setup.env, setup.train, setup.model, setup.output_dir
-    optimizer = build_adamw(model, train_config)
-    scheduler = build_scheduler(optimizer, train_config, setup.steps)
-    lisa = None
-    if setup.lisa.enabled:
-        try:
-            lisa = LISA(model, optimizer, seed=setup.seed, **setup.lisa.model_dump(exclude={"enabled"}))
-        except ValueError as exc:
-            raise UserError(f"lisa: {exc}") from None
+def _restore(loop: Loop, checkpoint: Path) -> int:
+    saved = read_checkpoint_state(checkpoint)
+    for name, sampler in loop.layer_samplers.items():
+        sampler.load_state_dict(saved["lisa"][name])
+    state = load_checkpoint(checkpoint, loop.env, loop.modules, loop.optimizers)
+    for name, item in loop.stateful.items():
+        item.load_state_dict(state[name])
+    for name, item in loop.objects.items():
+        item.load_state_dict(state["objects"][name])
+    log.info("resuming from %s", checkpoint)
+    return int(state["step"])
 
-    start_run(output_dir, setup.config, env.is_main)
-    start_step = 0
-    checkpoint = latest_checkpoint(output_dir, env) if resume else None
-    if checkpoint is not None:
-        if lisa is not None:  # before the optimizer state: only parameters that require grad get their state back
-            lisa.load_state_dict(read_checkpoint_state(checkpoint)["lisa"])
-        state = load_checkpoint(checkpoint, env, {"model": model}, {"model": (model, optimizer)})
-        scheduler.load_state_dict(state["scheduler"])
-        setup.sampler.load_state_dict(state["sampler"])
-        start_step = state["step"]
-        log.info("resuming from %s", checkpoint)
-    metrics = MetricsLog(output_dir / "metrics.jsonl", env.is_main, resume_step=start_step if resume else None)
+
+def _checkpoint(loop: Loop, step: int) -> None:
+    state = {name: item.state_dict() for name, item in loop.stateful.items()}
+    state["lisa"] = {name: sampler.state_dict() for name, sampler in loop.layer_samplers.items()}
+    objects = {name: item.state_dict() for name, item in loop.objects.items()} or None
+    save_checkpoint(loop.output_dir, step, loop.env, loop.modules, loop.optimizers, state, loop.schedule.keep_last,
+                    objects=objects)
+
+
+def run_loop(loop: Loop, step_fn: Callable[[int], dict[str, Any]], resume: bool) -> dict[str, Any]:
+    """Run steps until `loop.steps`; returns the last step's metrics (empty when nothing was left to run)."""
+    env, schedule = loop.env, loop.schedule
+    start_run(loop.output_dir, loop.config, env.is_main)
+    checkpoint = latest_checkpoint(loop.output_dir, env) if resume else None
+    start_step = _restore(loop, checkpoint) if checkpoint is not None else 0
+    metrics = MetricsLog(loop.output_dir / "metrics.jsonl", env.is_main, resume_step=start_step if resume else None)
     if start_step == 0:
-        metrics.write(step=0, event="start", sources=setup.pool.names, source_sizes=setup.pool.sizes,
-                      world_size=env.world_size, total_steps=setup.steps,
-                      data_stats=[vars(s) for s in setup.pool.stats], **(setup.start_metrics or {}))
+        metrics.write(step=0, event="start", world_size=env.world_size, total_steps=loop.steps, **loop.start_record)
 
-    def checkpoint_now(step: int) -> None:
-        save_checkpoint(output_dir, step, env, {"model": model}, {"model": (model, optimizer)},
-                        {"scheduler": scheduler.state_dict(), "sampler": setup.sampler.state_dict(),
-                         "lisa": lisa.state_dict() if lisa is not None else None}, train_config.keep_last)
-
-    def validate(step: int) -> None:
-        result = evaluate_loss(model, setup.validation_pool, env, setup.validation.batch_size, setup.precision,
-                               setup.pad_id)
-        metrics.write(step=step, event="validation", val_loss=result["overall"]["loss"],
-                      val_per_source={k: v["loss"] for k, v in result["per_source"].items()})
-        log.info("step %d validation loss %.4f", step, result["overall"]["loss"])
-
-    progress = progress_bar(env, setup.steps, setup.name, start_step)
-    last_loss = None
-    for step in range(start_step, setup.steps):
-        global_batch = setup.sampler.next_batch()
-        micro_batches = [collate([setup.pool.examples[i] for i in indices], setup.pad_id, indices).to(env.device)
-                         for indices in rank_micro_batches(global_batch, env.rank, env.world_size,
-                                                           train_config.micro_batch_size)]
-        lr = scheduler.get_last_lr()[0]
+    progress = progress_bar(env, loop.steps, loop.name, start_step)
+    last: dict[str, Any] = {}
+    for step in range(start_step, loop.steps):
         started = time.perf_counter()
-        result = optimizer_step(model, optimizer, scheduler, micro_batches, env, setup.precision,
-                                train_config.max_grad_norm, step + 1, setup.loss_sums_fn, setup.normalize_by)
+        last = step_fn(step)
         elapsed = time.perf_counter() - started
-        last_loss = result.loss
         done = step + 1
-        if lisa is not None:
-            if lisa.steps_taken % lisa.interval == 0:  # first step of a period: its optimizer state now exists
-                metrics.write(step=done, event="lisa", **lisa.summary())
-            lisa.step()
-        if done % train_config.log_every == 0 or done == setup.steps:
-            metrics.write(step=done, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
-                          supervised_tokens=result.supervised_tokens,
-                          tokens_per_s=result.input_tokens / elapsed, step_time_s=elapsed,
-                          peak_memory_bytes=peak_memory_bytes(env.device),
-                          source_counts=source_counts(setup.pool, global_batch))
+        for name, sampler in loop.layer_samplers.items():
+            if sampler.steps_taken % sampler.interval == 0:  # first step of a period: its optimizer state now exists
+                metrics.write(step=done, event="lisa" if len(loop.layer_samplers) == 1 else f"lisa_{name}",
+                              **sampler.summary())
+            sampler.step()
+        if done % schedule.log_every == 0 or done == loop.steps:
+            extra = {"tokens_per_s": last["input_tokens"] / elapsed} if "input_tokens" in last else {}
+            metrics.write(step=done, **{k: v for k, v in last.items() if k != "input_tokens"}, **extra,
+                          step_time_s=elapsed, peak_memory_bytes=peak_memory_bytes(env.device))
         progress.update(1)
-        progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-        if setup.validation_pool is not None and (done % setup.validation.every == 0 or done == setup.steps):
-            validate(done)
-        if (train_config.checkpoint_every and done % train_config.checkpoint_every == 0) or done == setup.steps:
-            checkpoint_now(done)
+        progress.set_postfix_str(loop.postfix(last))
+        if loop.validate is not None and (done % loop.validate_every == 0 or done == loop.steps):
+            result = loop.validate(done)
+            metrics.write(step=done, event="validation", **result)
+            log.info("step %d validation loss %.4f", done, result["val_loss"])
+        if (schedule.checkpoint_every and done % schedule.checkpoint_every == 0) or done == loop.steps:
+            _checkpoint(loop, done)
     progress.close()
-    return last_loss
+    return last

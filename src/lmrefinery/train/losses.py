@@ -18,32 +18,60 @@ from lmrefinery.train.precision import autocast
 
 
 def causal_logits(model: nn.Module, batch: Batch, precision: str) -> torch.Tensor:
+    """Next-token logits at every position, [B, T, V]."""
     with autocast(precision, batch.input_ids.device):
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
 
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor,
-                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class ResponseLogits:
+    """The logits of the positions whose next token is supervised, in row-major order over the batch."""
+
+    logits: torch.Tensor   # [P, V]
+    targets: torch.Tensor  # [P] the true next tokens
+    mask: torch.Tensor     # [B, T - 1] bool: which (example, position) each row is
+
+    def example_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-position values [P] summed back into their examples: [B]."""
+        return example_sums(values, self.mask)
+
+    def counts(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+
+def example_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter per-position values (one per True of `mask` [B, T], row-major) into per-example sums [B]."""
+    rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    sums = torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device)
+    return sums.index_add(0, rows.to(values.device), values)
+
+
+def response_logits(model: nn.Module, batch: Batch, precision: str) -> ResponseLogits:
+    logits = causal_logits(model, batch, precision)
+    targets = batch.labels[:, 1:]
+    mask = (targets != IGNORE_INDEX).to(logits.device)
+    return ResponseLogits(logits[:, :-1][mask], targets.to(logits.device)[mask], mask)
+
+
+def cross_entropy_sums(response: ResponseLogits, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the sum of next-token cross-entropies over its supervised tokens, and how many there are.
 
     Cross-entropy is computed in fp32 even under bf16 autocast (the softmax over a large vocabulary is where bf16
     loses the most). With label smoothing ε each token's loss is (1 − ε)·CE + ε·mean over the vocabulary of −log p,
     the convention of `torch.nn.functional.cross_entropy`.
     """
-    targets = labels[:, 1:]
-    token_losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                   reduction="none", label_smoothing=label_smoothing)
-    supervised = targets != IGNORE_INDEX
-    return (token_losses * supervised).sum(dim=1), supervised.sum(dim=1)
+    token_losses = F.cross_entropy(response.logits.float(), response.targets, reduction="none",
+                                   label_smoothing=label_smoothing)
+    return response.example_sums(token_losses), response.counts()
 
 
 def example_loss_sums(model: nn.Module, batch: Batch, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return token_loss_sums(causal_logits(model, batch, precision), batch.labels)
+    return cross_entropy_sums(response_logits(model, batch, precision))
 
 
 def label_smoothed_loss_sums(label_smoothing: float) -> "LossSumsFn":
     def loss_sums(model: nn.Module, batch: Batch, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_loss_sums(causal_logits(model, batch, precision), batch.labels, label_smoothing)
+        return cross_entropy_sums(response_logits(model, batch, precision), label_smoothing)
     return loss_sums
 
 

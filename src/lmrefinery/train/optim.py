@@ -1,33 +1,46 @@
-"""AdamW and learning-rate schedules (cosine / linear / constant, each with linear warmup)."""
+"""Optimizers (one weight-decay policy for every model the project trains) and learning-rate schedules."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from lmrefinery.config import TrainConfig
+from lmrefinery.config import ScheduleConfig, TrainConfig
+
+
+def build_optimizer(parameters: nn.Module | Iterable[nn.Parameter], *, kind: str = "adamw", lr: float,
+                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over every parameter, with weight decay on matrices only: biases and norms (1-D) are exempt,
+    the usual Hugging Face convention.
+
+    The optimizer covers all parameters even when some are frozen now, so that anything unfrozen later (LISA) is
+    updated.
+    """
+    params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {kind!r}")
 
 
 def build_adamw(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over every parameter, biases and norms exempt from weight decay (the usual HF convention).
-
-    The optimizer covers all parameters even when some are frozen now, so that anything unfrozen later is updated.
-    """
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=train.adam_betas,
-                             eps=train.adam_eps, foreach=True)
+    return build_optimizer(model, lr=train.lr, weight_decay=train.weight_decay, betas=train.adam_betas,
+                           eps=train.adam_eps)
 
 
-def warmup_steps(train: TrainConfig, total_steps: int) -> int:
-    if train.warmup_steps is not None:
-        return min(train.warmup_steps, total_steps)
-    return int(math.ceil(train.warmup_ratio * total_steps))
+def warmup_steps(schedule: ScheduleConfig, total_steps: int) -> int:
+    if schedule.warmup_steps is not None:
+        return min(schedule.warmup_steps, total_steps)
+    return int(math.ceil(schedule.warmup_ratio * total_steps))
 
 
 def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -45,7 +58,11 @@ def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_r
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
-    warmup = warmup_steps(train, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, train.schedule, train.min_lr_ratio))
+def schedule_multiplier(schedule: ScheduleConfig, total_steps: int):
+    """step → learning-rate factor, for a ScheduleConfig over `total_steps` steps."""
+    warmup = warmup_steps(schedule, total_steps)
+    return lambda step: lr_multiplier(step, total_steps, warmup, schedule.schedule, schedule.min_lr_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_multiplier(schedule, total_steps))

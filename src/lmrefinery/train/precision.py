@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 
 import torch
 
@@ -17,6 +18,4 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak accelerator memory allocated on CUDA; peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

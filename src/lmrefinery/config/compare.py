@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmrefinery.config import (CalibrationSettings, LISAConfig, ModelConfig, ReweightTrainConfig, ScaleBiOConfig,
-                               SourceConfig, StrictModel, StudentConfig, TrainConfig, unique_source_names)
+from lmrefinery.config.commands import ReweightTrainConfig, ScaleBiOConfig, StudentConfig
+from lmrefinery.config.loading import StrictModel
+from lmrefinery.config.sections import (CalibrationSettings, LISAConfig, ModelConfig, SourceConfig, TrainConfig,
+                                        unique_source_names)
 
 
 MIXTURE_METHODS = ("uniform", "proportional", "less", "rho", "scalebio")
@@ -33,10 +34,11 @@ class ScaleBiOMethodConfig(StrictModel):
 
 class MixtureCompareConfig(StrictModel):
     methods: list[Literal[MIXTURE_METHODS]] = Field(list(MIXTURE_METHODS), min_length=1)
-    sources: list[SourceConfig] = Field(min_length=1, description="The pool every method draws from.")
-    validation: list[SourceConfig] = Field(min_length=1, description="The target's validation set.")
-    test: list[SourceConfig] = Field(min_length=1, description="The target's test set: conversations whose last "
-                                                                "turn is the reference answer.")
+    sources: list[SourceConfig] | None = Field(None, min_length=1, description="The pool every method draws from "
+                                                                                "(filled in by demo_data).")
+    validation: list[SourceConfig] | None = Field(None, min_length=1, description="The target's validation set.")
+    test: list[SourceConfig] | None = Field(None, min_length=1, description="The target's test set: conversations "
+                                                                             "whose last turn is the reference answer.")
     max_length: int = Field(1024, ge=8)
     token_budget: int | None = Field(None, ge=1, description="Tokens (prompt + response, as trained) in every "
                                                               "method's SFT set; default: num_examples × the pool's "
@@ -61,10 +63,11 @@ class TeacherSpec(StrictModel):
 class DistillCompareConfig(StrictModel):
     methods: list[Literal[DISTILL_METHODS]] = Field(list(DISTILL_METHODS), min_length=1)
     teacher: TeacherSpec
-    train: list[SourceConfig] = Field(min_length=1, description="Conversations the students learn from.")
-    validation_items: str = Field(description="Held-out multiple-choice items: FIRST's calibration cache and the "
-                                              "post-hoc temperature are fitted on them.")
-    test_items: str = Field(description="Multiple-choice items every model is scored on.")
+    train: list[SourceConfig] | None = Field(None, min_length=1, description="Conversations the students learn "
+                                                                              "from (filled in by demo_data).")
+    validation_items: str | None = Field(None, description="Held-out multiple-choice items: FIRST's calibration "
+                                                            "cache and the post-hoc temperature are fitted on them.")
+    test_items: str | None = Field(None, description="Multiple-choice items every model is scored on.")
     max_length: int = Field(1024, ge=8)
     student: StudentConfig = StudentConfig()
     k: int = Field(5, ge=1, le=64, description="Top-k of the teacher cache.")
@@ -88,30 +91,17 @@ class CompareConfig(StrictModel):
         None, description="Build the demo's data (sizes of that preset) under output_dir/data and fill in every "
                           "source and split path: the `demo` setting, with no files to provide.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_demo_paths(cls, tree: Any) -> Any:
-        if not isinstance(tree, dict) or not tree.get("demo_data"):
-            return tree
-        from lmrefinery.recipes.demo_data import layout
-
-        paths = layout(Path(str(tree.get("output_dir", "compare-out"))) / "data")
-        mixture, distillation = tree.get("mixture"), tree.get("distillation")
-        if isinstance(mixture, dict):
-            mixture.setdefault("sources", [{"name": name, "path": str(path)}
-                                           for name, path in paths["sources"].items()])
-            mixture.setdefault("validation", [{"name": "target", "path": str(paths["validation"])}])
-            mixture.setdefault("test", [{"name": "target_test", "path": str(paths["test"])}])
-        if isinstance(distillation, dict):
-            distillation.setdefault("train", [{"name": "mcq", "path": str(paths["mcq"]["train_conversations"])}])
-            distillation.setdefault("validation_items", str(paths["mcq"]["heldout"]))
-            distillation.setdefault("test_items", str(paths["mcq"]["test"]))
-        return tree
-
     @model_validator(mode="after")
     def _something_to_compare(self) -> "CompareConfig":
         if self.mixture is None and self.distillation is None:
             raise ValueError("nothing to compare: give a `mixture` section, a `distillation` section, or both")
         if self.mixture is not None and self.model is None:
             raise ValueError("a `mixture` comparison needs `model` (the base model each method fine-tunes)")
+        if self.demo_data is None:
+            for section, keys in (("mixture", ("sources", "validation", "test")),
+                                  ("distillation", ("train", "validation_items", "test_items"))):
+                missing = [key for key in keys if getattr(self, section) is not None
+                           and getattr(getattr(self, section), key) is None]
+                if missing:
+                    raise ValueError(f"{section} needs {', '.join(missing)} (or set demo_data)")
         return self

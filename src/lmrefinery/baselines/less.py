@@ -1,19 +1,13 @@
-"""Per-example scores for data-selection baselines, and keeping the top fraction.
+"""LESS-style data selection scores (a baseline of ScaleBiO).
 
 LESS-style influence: each example's gradient of its token-mean loss with respect to the last `layers` decoder blocks,
 projected to `dim` numbers by a CountSketch (below); the score is the cosine similarity between an example's
 projected gradient and the mean projected gradient of the validation examples. Because the projection is linear, the
 mean of projections is the projection of the mean validation gradient, and inner products are preserved in
 expectation, so the scores rank examples as the exact gradient cosines do (tested against them).
-
-RHO-style excess loss: score = loss of the model being trained − loss of a reference model trained on the validation
-set, each an example's token-mean loss over its response tokens. High excess loss marks examples that are learnable
-(the reference fits them) but not yet learnt.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -21,7 +15,7 @@ from torch import nn
 from lmrefinery.data.collate import collate
 from lmrefinery.data.sources import SourcePool
 from lmrefinery.models.layers import find_decoder_layers
-from lmrefinery.train.losses import causal_logits, token_loss_sums
+from lmrefinery.train.losses import example_loss_sums
 
 
 class CountSketch:
@@ -68,7 +62,7 @@ def example_gradients(model: nn.Module, pool: SourcePool, parameters: list[nn.Pa
     try:
         for example in pool.examples:
             batch = collate([example], pad_id).to(device)
-            sums, tokens = token_loss_sums(causal_logits(model, batch, precision), batch.labels)
+            sums, tokens = example_loss_sums(model, batch, precision)
             yield torch.autograd.grad(sums.sum() / tokens.sum().clamp(min=1), parameters)
             if progress is not None:
                 progress.update(1)
@@ -91,34 +85,3 @@ def cosine_to_mean(features: torch.Tensor, reference_features: torch.Tensor) -> 
     target = reference_features.double().mean(dim=0)
     features = features.double()
     return (features @ target) / (features.norm(dim=1) * target.norm()).clamp(min=1e-30)
-
-
-@torch.no_grad()
-def example_losses(model: nn.Module, pool: SourcePool, batch_size: int, precision: str, pad_id: int,
-                   progress=None) -> torch.Tensor:
-    """Each example's token-mean loss over its response tokens, in pool order (float64)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    losses = torch.empty(len(pool.examples), dtype=torch.float64)
-    for start in range(0, len(pool.examples), batch_size):
-        batch = collate(pool.examples[start: start + batch_size], pad_id).to(device)
-        sums, tokens = token_loss_sums(causal_logits(model, batch, precision), batch.labels)
-        losses[start: start + len(sums)] = (sums.double() / tokens.clamp(min=1).double()).cpu()
-        if progress is not None:
-            progress.update(1)
-    model.train(was_training)
-    return losses
-
-
-def top_count(scores: torch.Tensor, count: int) -> list[int]:
-    """Indices of the `count` highest scores, highest first; ties go to the lower index."""
-    order = torch.argsort(-scores.double(), stable=True)
-    return order[:count].tolist()
-
-
-def top_fraction(scores: torch.Tensor, fraction: float) -> list[int]:
-    """Indices of the ⌈fraction·n⌉ highest scores (see `top_count`)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return top_count(scores, max(1, math.ceil(fraction * len(scores))))

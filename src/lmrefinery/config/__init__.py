@@ -1,0 +1,19 @@
+"""Typed configs: YAML file + dotted overrides → validated sections (loading.py), shared sections (sections.py),
+one class per command (commands.py, compare.py)."""
+
+from lmrefinery.config.commands import (CalibrateConfig, DemoConfig, DistillConfig, DistillLossConfig,
+                                        EvaluateConfig, ExactMatchEvaluateConfig, LossEvaluateConfig,
+                                        MCQEvaluateConfig, MixConfig, ReweightConfig, ReweightTrainConfig,
+                                        ScaleBiOConfig, SFTConfig, StudentConfig, TeacherConfig)
+from lmrefinery.config.compare import CompareConfig
+from lmrefinery.config.loading import StrictModel, apply_override, dump_config, load_config, validate_config
+from lmrefinery.config.sections import (CalibrationSettings, ComputeConfig, DataConfig, LISAConfig, ModelConfig,
+                                        OptimizerConfig, SamplingConfig, ScheduleConfig, SourceConfig,
+                                        SourcesConfig, TrainConfig, ValidationConfig, unique_source_names)
+
+__all__ = ["CalibrateConfig", "CompareConfig", "CalibrationSettings", "ComputeConfig", "DataConfig", "DemoConfig",
+           "DistillConfig", "DistillLossConfig", "EvaluateConfig", "ExactMatchEvaluateConfig", "LISAConfig", "LossEvaluateConfig",
+           "MCQEvaluateConfig", "MixConfig", "ModelConfig", "OptimizerConfig", "ReweightConfig",
+           "ReweightTrainConfig", "SamplingConfig", "ScaleBiOConfig", "ScheduleConfig", "SFTConfig", "SourceConfig",
+           "SourcesConfig", "StrictModel", "StudentConfig", "TeacherConfig", "TrainConfig", "ValidationConfig",
+           "apply_override", "dump_config", "load_config", "unique_source_names", "validate_config"]

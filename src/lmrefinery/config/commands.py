@@ -1,0 +1,181 @@
+"""One config class per command, composed from the shared sections."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from lmrefinery.config.loading import StrictModel
+from lmrefinery.config.sections import (CalibrationSettings, ComputeConfig, DataConfig, LISAConfig, ModelConfig,
+                                        SamplingConfig, ScheduleConfig, SourceConfig, SourcesConfig, TrainConfig,
+                                        ValidationConfig, unique_source_names)
+
+
+class SFTConfig(StrictModel):
+    output_dir: str = Field(description="The run directory.")
+    seed: int = Field(0, description="Seeds data order, LISA draws and initialisation noise.")
+    model: ModelConfig
+    data: DataConfig
+    sampling: SamplingConfig = SamplingConfig()
+    validation: ValidationConfig | None = None
+    train: TrainConfig = TrainConfig()
+    lisa: LISAConfig = LISAConfig()
+    save_model: bool = Field(True, description="Write the final model (+ tokenizer) in HF format to output_dir/model.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε: each token's loss is (1 − ε)·CE + ε·mean over "
+                                                                 "the vocabulary of −log p.")
+
+
+class ScaleBiOConfig(StrictModel):
+    alpha: float = Field(100.0, gt=0, description="Penalty α (authors: 100 for 7B–34B models, 10 for GPT-2).")
+    tau: float = Field(1.0, gt=0, description="Continuation: α ← α·τ each round, learning rates ÷ τ (authors: 1).")
+    rounds: int = Field(1, ge=1, description="Outer rounds of the α/τ continuation.")
+    lr_lower: float = Field(1e-5, ge=0, description="Peak learning rate of u (lower-level model).")
+    lr_upper: float = Field(1e-5, ge=0, description="Peak learning rate of w (upper-level model).")
+    lr_weights: float = Field(1e-2, ge=0, description="Peak learning rate of the source logits λ.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="For u, w and λ.")
+    weight_decay: float = Field(5e-4, ge=0, description="On u and w (not on biases and norms); λ never has any.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas of u, w and λ.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon of u, w and λ.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip u's gradient norm at this and w's (whose loss "
+                                                                "carries α) at α × this; null: off.")
+    max_weight_grad_norm: float | None = Field(None, gt=0, description="Clip λ's gradient norm (null: off).")
+
+
+class ReweightTrainConfig(ScheduleConfig):
+    val_batch_size: int = Field(8, ge=1, description="Global validation batch per step (all processes).")
+
+
+class ReweightConfig(StrictModel):
+    output_dir: str = Field(description="The run directory.")
+    seed: int = Field(0, description="Seeds data order and LISA draws.")
+    model: ModelConfig
+    data: DataConfig
+    validation: ValidationConfig = Field(description="The target: a small validation set (sources pooled).")
+    scalebio: ScaleBiOConfig = ScaleBiOConfig()
+    train: ReweightTrainConfig = ReweightTrainConfig()
+    lisa: LISAConfig = Field(LISAConfig(), description="LISA on u and w, with independent layer draws.")
+    save_upper_model: bool = Field(False, description="Also write w (the upper-level model) in HF format.")
+
+
+class MixConfig(StrictModel):
+    output_dir: str = Field(description="Where mix.jsonl and manifest.json go.")
+    sources: list[SourceConfig] = Field(min_length=1, description="The sources the weights name.")
+    weights: dict[str, float] | str = Field(description="{source: weight} or a weights.json path (from reweight).")
+    num_examples: int = Field(ge=1, description="N: size of the mixture.")
+    seed: int = Field(0, description="Seeds which examples are drawn and their order.")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="As data.on_bad_record.")
+
+    _unique = field_validator("sources")(unique_source_names)
+
+
+class TeacherConfig(StrictModel):
+    output_dir: str = Field(description="The cache directory.")
+    seed: int = Field(0, description="Recorded; the teacher pass itself is deterministic.")
+    model: ModelConfig = Field(description="The fine-tuned teacher.")
+    data: DataConfig
+    k: int = Field(5, ge=1, le=64, description="Top-k token probabilities kept per response position.")
+    batch_size: int = Field(8, ge=1, description="Examples per teacher forward pass.")
+    shard_size: int = Field(256, ge=1, description="Examples per cache shard (the unit of resume).")
+    logprob_dtype: Literal["float16", "float32"] = Field("float16", description="Stored log-probability dtype.")
+
+
+class CalibrateConfig(CalibrationSettings):
+    output_dir: str = Field(description="Where calibration.json and the reliability diagrams go.")
+    cache: str = Field(description="A teacher cache of held-out data (not the distillation training data).")
+
+
+class StudentConfig(ComputeConfig):
+    """The student's weights (its own model, or some of the teacher's blocks) and how it computes.
+
+    It shares ModelConfig's compute fields through ComputeConfig rather than holding a ModelConfig, because a
+    keep-layers student has no location of its own.
+    """
+
+    init: Literal["model", "keep-layers"] = Field(
+        "keep-layers", description="'model': load name_or_path; 'keep-layers': a subset of the teacher's blocks.")
+    name_or_path: str | None = Field(None, description="init 'model': the student (hub id, directory or alias).")
+    keep_every: int = Field(3, ge=1, description="keep-layers: keep blocks 0, n, 2n, …")
+    keep_layers: list[int] | None = Field(None, description="keep-layers: explicit block indices instead.")
+
+    @model_validator(mode="after")
+    def _path_for_model_init(self) -> "StudentConfig":
+        if self.init == "model" and not self.name_or_path:
+            raise ValueError("init 'model' needs student.name_or_path")
+        return self
+
+    def compute(self) -> dict:
+        return {name: getattr(self, name) for name in ComputeConfig.model_fields}
+
+
+class DistillLossConfig(StrictModel):
+    mode: Literal["cache", "online"] = Field("cache", description="'online': full-vocabulary KD from a live teacher.")
+    teacher_transform: Literal["linear", "prob_temperature", "logit_temperature"] = Field(
+        "prob_temperature", description="How the cached top-k become the target distribution.")
+    temperature: float | None = Field(None, gt=0, description="c or T; default: from `calibration`, else 1.0.")
+    calibration: str | None = Field(None, description="calibration.json from `lmrefinery calibrate`.")
+    other_bucket: bool = Field(False, description="Add a k+1-th bucket: the mass outside the teacher's top-k.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε of probability-space smoothing of the target.")
+    reduction: Literal["token_mean", "sequence_sum"] = Field(
+        "token_mean", description="Mean over supervised tokens, or the authors' sum per sequence / batch size.")
+    hard_label_weight: float = Field(0.0, ge=0, le=1, description="β: loss = (1 − β)·KL + β·cross-entropy.")
+    online_temperature: float = Field(1.0, gt=0, description="Softmax temperature of online KD (loss × T²).")
+
+
+class DistillConfig(StrictModel):
+    output_dir: str = Field(description="The run directory.")
+    seed: int = Field(0, description="Seeds data order and LISA draws.")
+    cache: str = Field(description="The teacher cache of the training data (`lmrefinery teacher`).")
+    student: StudentConfig = StudentConfig()
+    loss: DistillLossConfig = DistillLossConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    validation: ValidationConfig | None = None
+    train: TrainConfig = TrainConfig()
+    lisa: LISAConfig = LISAConfig()
+    save_model: bool = Field(True, description="Write the final student in HF format to output_dir/model.")
+
+
+class _EvaluateCommon(StrictModel):
+    output_dir: str = Field(description="Where eval.json (and items.jsonl, plots) go.")
+    seed: int = Field(0, description="Recorded; evaluation is deterministic.")
+    model: ModelConfig
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+
+
+class LossEvaluateConfig(_EvaluateCommon):
+    task: Literal["loss"] = "loss"
+    data: DataConfig = Field(description="The sources to score, tokenised as in training.")
+    n_bins: int = Field(10, ge=2, description="Bins of the next-token ECE.")
+
+
+class MCQEvaluateConfig(_EvaluateCommon):
+    task: Literal["mcq"]
+    data: SourcesConfig = Field(description="Multiple-choice item files (docs/evaluate.md).")
+    n_bins: int = Field(10, ge=2, description="Calibration bins.")
+    temperature: float = Field(1.0, gt=0, description="Divide the logits by T before the softmax (post-hoc "
+                                                       "temperature scaling, e.g. fitted by `compare`).")
+
+
+class ExactMatchEvaluateConfig(_EvaluateCommon):
+    task: Literal["exact_match"]
+    data: SourcesConfig = Field(description="Conversations whose last turn is the reference answer.")
+    max_new_tokens: int = Field(32, ge=1, description="Greedy decoding length.")
+
+
+def _evaluate_task(tree) -> str:
+    task = tree.get("task", "loss") if isinstance(tree, dict) else getattr(tree, "task", "loss")
+    return task if task in ("loss", "mcq", "exact_match") else "loss"
+
+
+EvaluateConfig = Annotated[Union[Annotated[LossEvaluateConfig, Tag("loss")],
+                                 Annotated[MCQEvaluateConfig, Tag("mcq")],
+                                 Annotated[ExactMatchEvaluateConfig, Tag("exact_match")]],
+                           Discriminator(_evaluate_task)]
+
+
+class DemoConfig(StrictModel):
+    output_dir: str = Field("demo-out", description="Everything the demo writes.")
+    preset: Literal["quick", "default"] = Field("default", description="Sizes: 'quick' (≈ 3 min) or 'default'.")
+    seed: int = Field(0, description="Seeds the data and every stage.")
+    model: str = Field("smollm2-135m-instruct", description="The model both stories start from.")
+    max_length: int | None = Field(None, ge=32, description="Token limit per example; default: the preset's.")

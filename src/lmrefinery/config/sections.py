@@ -1,0 +1,143 @@
+"""Config sections shared by several commands: model, data, sampling, training schedule, LISA, validation.
+
+Commands compose these (config/commands.py); where two commands need almost the same section, one extends the other
+instead of re-declaring its fields, so a key means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmrefinery.config.loading import StrictModel
+
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text2text", "text"]
+Precision = Literal["fp32", "bf16"]
+Attention = Literal["eager", "sdpa", "flash_attention_2"]
+
+
+class ComputeConfig(StrictModel):
+    """How a model computes: shared by every model a command loads (the trained model, a student)."""
+
+    precision: Precision = Field("fp32", description="Compute precision. 'bf16' = bf16 autocast with fp32 master "
+                                                     "weights and optimizer state.")
+    attn_implementation: Attention | None = Field("sdpa", description="Attention kernel passed to transformers.")
+    gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing.")
+
+
+class ModelConfig(ComputeConfig):
+    name_or_path: str = Field(description="Hugging Face hub id, local directory, or a built-in alias such as "
+                                          "'smollm2-135m-instruct'.")
+    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from the model's.")
+    trust_remote_code: bool = Field(False, description="Let transformers run the model repository's own code.")
+    device_map: str | None = Field(None, description="Inference only (teacher, evaluate): e.g. 'auto' spreads a large "
+                                                      "model over the local GPUs (needs accelerate).")
+
+
+class SourceConfig(StrictModel):
+    name: str = Field(description="Name recorded in every output (weights, metrics, reports).")
+    path: str = Field(description=".json, .jsonl, .parquet file or a datasets save_to_disk directory.")
+    format: DataFormat = Field("auto", description="Record format; 'auto' detects it from the first record.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N records.")
+
+
+def unique_source_names(sources: list[SourceConfig] | None) -> list[SourceConfig] | None:
+    names = [s.name for s in sources or []]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}")
+    return sources
+
+
+class SourcesConfig(StrictModel):
+    """Files to read and how to read them (the evaluation tasks that score items rather than tokenised examples)."""
+
+    sources: list[SourceConfig] = Field(min_length=1, description="Named data files.")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="'error' stops at the first bad record (exit 2); 'skip' leaves it out and counts it.")
+    system_prompt: str | None = Field(
+        None, description="System message for conversations that have none; None leaves the chat template's default.")
+
+    _unique = field_validator("sources")(unique_source_names)
+
+
+class DataConfig(SourcesConfig):
+    """Sources tokenised for training or loss evaluation."""
+
+    max_length: int = Field(1024, ge=8, description="Token limit per example.")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="'truncate' cuts examples at max_length from the right; 'drop' leaves them out.")
+
+
+class SamplingConfig(StrictModel):
+    strategy: Literal["uniform", "proportional", "weights"] = Field(
+        "proportional",
+        description="'proportional': shuffled passes over the pooled examples; 'uniform': each source equally "
+                    "often; 'weights': sources drawn by the given weights.")
+    weights: dict[str, float] | str | None = Field(
+        None, description="With strategy 'weights': a {source: weight} mapping or a path to a weights.json file.")
+
+    @model_validator(mode="after")
+    def _weights_given(self) -> "SamplingConfig":
+        if self.strategy == "weights" and self.weights is None:
+            raise ValueError("strategy 'weights' needs sampling.weights (a mapping or a weights.json path)")
+        return self
+
+
+class ScheduleConfig(StrictModel):
+    """How long, in what batches, with what learning-rate shape, and how often to log and checkpoint."""
+
+    steps: int | None = Field(None, ge=1, description="Optimizer steps; default: `epochs` passes over the pool.")
+    epochs: float | None = Field(None, gt=0, description="Used when steps is not set (default 1).")
+    batch_size: int = Field(8, ge=1, description="Global batch (examples per optimizer step, all ranks together).")
+    micro_batch_size: int = Field(1, ge=1, description="Examples per forward pass on one rank.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after the warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Linear warmup over this fraction of the steps.")
+    warmup_steps: int | None = Field(None, ge=0, description="Overrides warmup_ratio when set.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the cosine/linear decay, as a fraction of lr.")
+    log_every: int = Field(1, ge=1, description="Steps between metrics.jsonl lines.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints; null = only at the end.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+class OptimizerConfig(StrictModel):
+    lr: float = Field(2e-5, ge=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+
+
+class TrainConfig(ScheduleConfig, OptimizerConfig):
+    """The schedule and the optimizer of a single model (sft, distill)."""
+
+
+class LISAConfig(StrictModel):
+    enabled: bool = Field(False, description="Train only `layers` decoder blocks at a time, switching every "
+                                             "`interval` steps.")
+    layers: int = Field(2, ge=1, description="Decoder blocks trained at a time (γ).")
+    interval: int = Field(20, ge=1, description="Optimizer steps between switches (K).")
+    train_embeddings: bool = Field(True, description="Keep the input embedding trainable.")
+    train_head: bool = Field(True, description="Keep the LM head trainable (must equal train_embeddings when tied).")
+    keep_state: bool = Field(False, description="Keep AdamW state of deactivated blocks (memory comparison only).")
+
+
+class ValidationConfig(StrictModel):
+    sources: list[SourceConfig] = Field(min_length=1, description="Held-out data, tokenised like the training data.")
+    every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
+    batch_size: int = Field(8, ge=1, description="Examples per evaluation forward pass.")
+
+    _unique = field_validator("sources")(unique_source_names)
+
+
+class CalibrationSettings(StrictModel):
+    transform: Literal["prob_temperature", "logit_temperature"] = Field(
+        "prob_temperature", description="FIRST's temperature on the probabilities, or the usual one on the logits.")
+    objective: Literal["ece", "nll"] = Field("ece", description="What the temperature search minimises.")
+    n_bins: int = Field(10, ge=2, description="ECE bins.")
+    grid: list[float] | None = Field(
+        None, min_length=1, description="Coarse grid of temperatures; default 0.1 … 1.0 for prob_temperature, "
+                                        "0.25 … 3.0 for logit_temperature. Extended upward while the best is its "
+                                        "largest value.")
+    fine_step: float = Field(0.02, gt=0, description="Then this step within ± one coarse step of the best.")
