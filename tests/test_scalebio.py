@@ -162,3 +162,22 @@ def test_weight_gradient_clipping_keeps_the_direction_and_caps_the_norm():
     torch.testing.assert_close(clipped.logits.grad, raw * (1e-3 / raw.norm()), atol=1e-12, rtol=1e-6)
     # SGD on λ (lr 1.0): the step is exactly the clipped gradient
     torch.testing.assert_close(clipped.logits.detach(), before - clipped.logits.grad, atol=1e-12, rtol=0)
+
+
+def test_gradient_clipping_is_in_the_same_units_for_u_and_w():
+    """w's gradient carries α: clipping at one threshold would clip only w. u is clipped at max_norm, w at α·max_norm,
+    so a threshold between u's norm and w's norm / α clips neither, and a smaller one clips both proportionally."""
+    _, _, train, val = _ridge_problem()
+    probe = _core(alpha=10.0, lr_lower=0.0, lr_upper=0.0, lr_weights=0.0)
+    with torch.no_grad():
+        probe.upper_model.weight.add_(0.1)
+    norms = probe.step(train, val)
+    lower, upper = norms["grad_norm_lower"], norms["grad_norm_upper"]
+    assert upper > 10.0 * lower * 0.5  # w's gradient is on the α scale
+    for max_norm in (0.5 * min(lower, upper / 10.0), 2.0 * max(lower, upper / 10.0)):
+        core = _core(alpha=10.0, lr_lower=0.0, lr_upper=0.0, lr_weights=0.0, max_grad_norm=max_norm)
+        with torch.no_grad():
+            core.upper_model.weight.add_(0.1)
+        core.step(train, val)
+        assert float(core.lower_model.weight.grad.norm()) == pytest.approx(min(lower, max_norm), rel=1e-6)
+        assert float(core.upper_model.weight.grad.norm()) == pytest.approx(min(upper, 10.0 * max_norm), rel=1e-6)

@@ -17,8 +17,13 @@ component is α·p_k·(Δ_k − that mean).
 
 Batches may be split into micro-batches (pass a list): counts and sums run over the whole global batch before any
 normalisation, so a step does not depend on the split. For the validation loss pass `val_weight_fn` (each
-micro-batch's size, e.g. its token count); without it every validation micro-batch weighs the same. Under data parallelism pass `all_reduce` (sums a tensor over
-processes) and `gradient_sum_factor` (the number of processes when the data-parallel wrapper averages gradients).
+micro-batch's size, e.g. its token count); without it every validation micro-batch weighs the same. Under data
+parallelism pass `all_reduce` (sums a tensor over processes) and `gradient_sum_factor` (the number of processes when
+the data-parallel wrapper averages gradients).
+
+Optimizers come from the project's builder (AdamW or SGD, no weight decay on biases and norms, none at all on λ).
+`max_grad_norm` clips u at max_norm and w at α·max_norm — the same units, since only w's loss is scaled by α.
+Non-finite values raise `TrainingDiverged` before any variable moves.
 """
 
 from __future__ import annotations
@@ -177,8 +182,10 @@ class ScaleBiO:
         weight_grad_norm = float(self.logits.grad.norm())
         if self.max_weight_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([self.logits], self.max_weight_grad_norm)
+        # w's loss carries α (u's does not), so the same threshold in the same units is α·max_norm for w: one
+        # threshold for both would clip only w.
         lower_norm = clip_gradients(self.lower_model, self.max_grad_norm)
-        upper_norm = clip_gradients(self.upper_model, self.max_grad_norm)
+        upper_norm = clip_gradients(self.upper_model, alpha * self.max_grad_norm if self.max_grad_norm else None)
 
         l2_lower = float((weights * lower_means * present).sum())
         l2_upper = float((weights * upper_means * present).sum())
