@@ -8,12 +8,13 @@ from lmrefinery.config.commands import (CalibrateConfig, DemoConfig, DistillConf
 from lmrefinery.config.compare import CompareConfig
 from lmrefinery.config.loading import StrictModel, apply_override, dump_config, load_config, validate_config
 from lmrefinery.config.sections import (CalibrationSettings, ComputeConfig, DataConfig, LISAConfig, ModelConfig,
-                                        OptimizerConfig, SamplingConfig, ScheduleConfig, SourceConfig,
+                                        OptimizerConfig, RunConfig, SamplingConfig, ScheduleConfig, SourceConfig,
                                         SourcesConfig, TrainConfig, ValidationConfig, unique_source_names)
 
-__all__ = ["CalibrateConfig", "CompareConfig", "CalibrationSettings", "ComputeConfig", "DataConfig", "DemoConfig",
-           "DistillConfig", "DistillLossConfig", "EvaluateConfig", "ExactMatchEvaluateConfig", "LISAConfig", "LossEvaluateConfig",
-           "MCQEvaluateConfig", "MixConfig", "ModelConfig", "OptimizerConfig", "ReweightConfig",
-           "ReweightTrainConfig", "SamplingConfig", "ScaleBiOConfig", "ScheduleConfig", "SFTConfig", "SourceConfig",
-           "SourcesConfig", "StrictModel", "StudentConfig", "TeacherConfig", "TrainConfig", "ValidationConfig",
-           "apply_override", "dump_config", "load_config", "unique_source_names", "validate_config"]
+__all__ = ["apply_override", "CalibrateConfig", "CalibrationSettings", "CompareConfig", "ComputeConfig", "DataConfig",
+           "DemoConfig", "DistillConfig", "DistillLossConfig", "dump_config", "EvaluateConfig",
+           "ExactMatchEvaluateConfig", "LISAConfig", "load_config", "LossEvaluateConfig", "MCQEvaluateConfig",
+           "MixConfig", "ModelConfig", "OptimizerConfig", "ReweightConfig", "ReweightTrainConfig", "RunConfig",
+           "SamplingConfig", "ScaleBiOConfig", "ScheduleConfig", "SFTConfig", "SourceConfig", "SourcesConfig",
+           "StrictModel", "StudentConfig", "TeacherConfig", "TrainConfig", "unique_source_names", "validate_config",
+           "ValidationConfig"]

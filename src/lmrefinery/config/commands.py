@@ -8,13 +8,11 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from lmrefinery.config.loading import StrictModel
 from lmrefinery.config.sections import (CalibrationSettings, ComputeConfig, DataConfig, LISAConfig, ModelConfig,
-                                        SamplingConfig, ScheduleConfig, SourceConfig, SourcesConfig, TrainConfig,
-                                        ValidationConfig, unique_source_names)
+                                        RunConfig, SamplingConfig, ScheduleConfig, SourceConfig, SourcesConfig,
+                                        TrainConfig, ValidationConfig, unique_source_names)
 
 
-class SFTConfig(StrictModel):
-    output_dir: str = Field(description="The run directory.")
-    seed: int = Field(0, description="Seeds data order, LISA draws and initialisation noise.")
+class SFTConfig(RunConfig):
     model: ModelConfig
     data: DataConfig
     sampling: SamplingConfig = SamplingConfig()
@@ -46,9 +44,7 @@ class ReweightTrainConfig(ScheduleConfig):
     val_batch_size: int = Field(8, ge=1, description="Global validation batch per step (all processes).")
 
 
-class ReweightConfig(StrictModel):
-    output_dir: str = Field(description="The run directory.")
-    seed: int = Field(0, description="Seeds data order and LISA draws.")
+class ReweightConfig(RunConfig):
     model: ModelConfig
     data: DataConfig
     validation: ValidationConfig = Field(description="The target: a small validation set (sources pooled).")
@@ -58,20 +54,16 @@ class ReweightConfig(StrictModel):
     save_upper_model: bool = Field(False, description="Also write w (the upper-level model) in HF format.")
 
 
-class MixConfig(StrictModel):
-    output_dir: str = Field(description="Where mix.jsonl and manifest.json go.")
+class MixConfig(RunConfig):
     sources: list[SourceConfig] = Field(min_length=1, description="The sources the weights name.")
     weights: dict[str, float] | str = Field(description="{source: weight} or a weights.json path (from reweight).")
     num_examples: int = Field(ge=1, description="N: size of the mixture.")
-    seed: int = Field(0, description="Seeds which examples are drawn and their order.")
     on_bad_record: Literal["error", "skip"] = Field("error", description="As data.on_bad_record.")
 
     _unique = field_validator("sources")(unique_source_names)
 
 
-class TeacherConfig(StrictModel):
-    output_dir: str = Field(description="The cache directory.")
-    seed: int = Field(0, description="Recorded; the teacher pass itself is deterministic.")
+class TeacherConfig(RunConfig):
     model: ModelConfig = Field(description="The fine-tuned teacher.")
     data: DataConfig
     k: int = Field(5, ge=1, le=64, description="Top-k token probabilities kept per response position.")
@@ -122,9 +114,7 @@ class DistillLossConfig(StrictModel):
     online_temperature: float = Field(1.0, gt=0, description="Softmax temperature of online KD (loss × T²).")
 
 
-class DistillConfig(StrictModel):
-    output_dir: str = Field(description="The run directory.")
-    seed: int = Field(0, description="Seeds data order and LISA draws.")
+class DistillConfig(RunConfig):
     cache: str = Field(description="The teacher cache of the training data (`lmrefinery teacher`).")
     student: StudentConfig = StudentConfig()
     loss: DistillLossConfig = DistillLossConfig()
@@ -135,9 +125,7 @@ class DistillConfig(StrictModel):
     save_model: bool = Field(True, description="Write the final student in HF format to output_dir/model.")
 
 
-class _EvaluateCommon(StrictModel):
-    output_dir: str = Field(description="Where eval.json (and items.jsonl, plots) go.")
-    seed: int = Field(0, description="Recorded; evaluation is deterministic.")
+class _EvaluateCommon(RunConfig):
     model: ModelConfig
     batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
 

@@ -17,6 +17,15 @@ Precision = Literal["fp32", "bf16"]
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
 
 
+class RunConfig(StrictModel):
+    """What every command that writes a run has."""
+
+    output_dir: str = Field(description="Where the command writes. A training command refuses a directory that "
+                                        "already holds a run unless --resume is given.")
+    seed: int = Field(0, description="Seeds data order, sampling, LISA draws and initialisation noise: a run is "
+                                     "deterministic for a seed.")
+
+
 class ComputeConfig(StrictModel):
     """How a model computes: shared by every model a command loads (the trained model, a student)."""
 

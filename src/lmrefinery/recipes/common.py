@@ -7,22 +7,35 @@ import logging
 import math
 from pathlib import Path
 
-from lmrefinery.config import DataConfig, LISAConfig, ModelConfig, SourceConfig, TrainConfig, validate_config
+from lmrefinery.config import (DataConfig, LISAConfig, ModelConfig, SamplingConfig, SourceConfig, TrainConfig,
+                               validate_config)
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.data.sources import SourcePool, load_pool
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.distill.cache import MANIFEST, TeacherCache
 from lmrefinery.errors import UserError
 from lmrefinery.evaluation.loss import evaluate_loss
+from lmrefinery.fileio import atomic_write_json
 from lmrefinery.lisa import LISA
 from lmrefinery.models import load_tokenizer
-from lmrefinery.train.distributed import DistEnv
+from lmrefinery.train.checkpoint import seed_everything
+from lmrefinery.train.distributed import DistEnv, setup_distributed
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import LossSumsFn, example_loss_sums
 from lmrefinery.train.optim import build_adamw, build_scheduler
+from lmrefinery.train.run_dir import check_output_dir
+from lmrefinery.train.save import save_hf_model
 from lmrefinery.train.supervised import supervised_step_fn
 
 log = logging.getLogger(__name__)
+
+
+def begin_training_run(config, resume: bool) -> tuple[DistEnv, Path]:
+    """Process group, a run directory that may be used (a new one, or an old one with --resume), seeded RNGs."""
+    env = setup_distributed()
+    output_dir = check_output_dir(config.output_dir, resume)
+    seed_everything(config.seed, env.rank)
+    return env, output_dir
 
 
 def load_data(model: ModelConfig, data: DataConfig, extra: dict[str, list[SourceConfig]] | None = None):
@@ -75,13 +88,16 @@ def validation_fn(model, pool: SourcePool, env: DistEnv, batch_size: int, precis
     return validate
 
 
-def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model, pad_id: int, pool: SourcePool,
-                     sampler: MixtureSampler, steps: int, train: TrainConfig, precision: str, lisa: LISAConfig,
-                     seed: int, validation_pool: SourcePool | None = None, validation=None,
+def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model, tokenizer, pool: SourcePool,
+                     sampling: SamplingConfig, train: TrainConfig, precision: str, lisa: LISAConfig, seed: int,
+                     save_model: bool, validation_pool: SourcePool | None = None, validation=None,
                      loss_sums_fn: LossSumsFn = example_loss_sums, normalize_by: str = "tokens",
-                     start_metrics: dict | None = None, resume: bool = False) -> dict:
-    """The supervised run of sft and distill: AdamW + schedule (+ LISA) around the shared loop; returns the last
-    step's metrics."""
+                     start_metrics: dict | None = None, summary: dict | None = None, resume: bool = False) -> dict:
+    """The supervised run of sft and distill: batches drawn by `sampling`, AdamW + schedule (+ LISA) around the
+    shared loop, then the model in HF format (output_dir/model) and summary.json (returned)."""
+    accumulation = accumulation_steps(train.batch_size, train.micro_batch_size, env.world_size)
+    steps = total_steps(train.steps, train.epochs, pool, train.batch_size)
+    sampler = MixtureSampler.build(sampling, pool.names, pool.source_indices(), train.batch_size, seed)
     optimizer = build_adamw(model, train)
     scheduler = build_scheduler(optimizer, train, steps)
     layer_samplers = {"model": make_lisa(model, optimizer, lisa, seed)} if lisa.enabled else {}
@@ -89,13 +105,23 @@ def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model
         name=name, config=config, output_dir=output_dir, env=env, steps=steps, schedule=train,
         modules={"model": model}, optimizers={"model": (model, optimizer)},
         stateful={"scheduler": scheduler, "sampler": sampler}, layer_samplers=layer_samplers,
-        start_record={"sources": pool.names, "source_sizes": pool.sizes,
-                      "data_stats": [vars(s) for s in pool.stats], **(start_metrics or {})},
-        validate=(validation_fn(model, validation_pool, env, validation.batch_size, precision, pad_id)
+        start_record={"sources": pool.names, "source_sizes": pool.sizes, "data_stats": [vars(s) for s in pool.stats],
+                      "accumulation": accumulation, **(start_metrics or {})},
+        validate=(validation_fn(model, validation_pool, env, validation.batch_size, precision, tokenizer.pad_token_id)
                   if validation_pool is not None else None),
         validate_every=validation.every if validation is not None else None)
     step_fn = supervised_step_fn(model, optimizer, scheduler, sampler, pool, env,
                                  micro_batch_size=train.micro_batch_size, precision=precision,
-                                 max_grad_norm=train.max_grad_norm, pad_id=pad_id, loss_sums_fn=loss_sums_fn,
-                                 normalize_by=normalize_by)
-    return run_loop(loop, step_fn, resume)
+                                 max_grad_norm=train.max_grad_norm, pad_id=tokenizer.pad_token_id,
+                                 loss_sums_fn=loss_sums_fn, normalize_by=normalize_by)
+    last = run_loop(loop, step_fn, resume)
+
+    model_dir = output_dir / "model"
+    if save_model:
+        save_hf_model(model, tokenizer, model_dir, env)
+    result = {"command": name, "steps": steps, "final_loss": last.get("loss"), "sources": pool.names,
+              "source_sizes": pool.sizes, **(summary or {}), "model": str(model_dir) if save_model else None}
+    if env.is_main:
+        atomic_write_json(output_dir / "summary.json", result)
+        log.info("outputs in %s (model: %s, metrics: %s)", output_dir, model_dir, output_dir / "metrics.jsonl")
+    return result

@@ -14,21 +14,16 @@ from pathlib import Path
 import torch
 
 from lmrefinery.config import DistillConfig, ModelConfig, validate_config
-from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.data.sources import load_pool
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.distill.losses import online_kd_sums, topk_distillation_sums
 from lmrefinery.distill.student import every_nth, keep_layers
 from lmrefinery.errors import UserError
-from lmrefinery.fileio import atomic_write_json
 from lmrefinery.models import find_decoder_layers, load_model
 from lmrefinery.models.loading import enable_activation_checkpointing
-from lmrefinery.recipes.common import accumulation_steps, load_cache_with_data, total_steps, train_supervised
-from lmrefinery.train.checkpoint import seed_everything
-from lmrefinery.train.distributed import setup_distributed, shard_model
+from lmrefinery.recipes.common import begin_training_run, load_cache_with_data, train_supervised
+from lmrefinery.train.distributed import shard_model
 from lmrefinery.train.losses import causal_logits, response_logits
-from lmrefinery.train.run_dir import check_output_dir
-from lmrefinery.train.save import save_hf_model
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +91,7 @@ def online_loss_fn(teacher, temperature: float):
 
 
 def run(config: DistillConfig, resume: bool = False) -> Path:
-    env = setup_distributed()
-    output_dir = check_output_dir(config.output_dir, resume)
-    seed_everything(config.seed, env.rank)
+    env, output_dir = begin_training_run(config, resume)
     student_tokenizer = None
     if config.student.init == "model":  # its own tokenizer must be the teacher's (checked by fingerprint)
         student_tokenizer = ModelConfig(name_or_path=config.student.name_or_path)
@@ -107,10 +100,6 @@ def run(config: DistillConfig, resume: bool = False) -> Path:
     if config.validation is not None:  # tokenised exactly like the training data
         validation_pool = load_pool(config.validation.sources, ChatEncoder(tokenizer, data.system_prompt), data)
     temperature = resolve_temperature(config)
-    accumulation = accumulation_steps(config.train.batch_size, config.train.micro_batch_size, env.world_size)
-    steps = total_steps(config.train.steps, config.train.epochs, pool, config.train.batch_size)
-    sampler = MixtureSampler.build(config.sampling, pool.names, pool.source_indices(), config.train.batch_size,
-                                   config.seed)
     model = build_student(config, cache.manifest, env.device)
     cache.check_vocabulary(model.get_output_embeddings().weight.shape[0])
     if config.loss.mode == "online":
@@ -121,22 +110,13 @@ def run(config: DistillConfig, resume: bool = False) -> Path:
         loss_fn = cached_loss_fn(cache, config.loss, temperature)
     model = shard_model(model, env)
     model.train()
-
-    last = train_supervised(
-        name="distill", config=config, output_dir=output_dir, env=env, model=model, pad_id=tokenizer.pad_token_id,
-        pool=pool, sampler=sampler, steps=steps, train=config.train, precision=config.student.precision,
-        lisa=config.lisa, seed=config.seed, validation_pool=validation_pool, validation=config.validation,
-        loss_sums_fn=loss_fn, normalize_by="tokens" if config.loss.reduction == "token_mean" else "examples",
-        start_metrics={"accumulation": accumulation, "temperature": temperature, "mode": config.loss.mode},
-        resume=resume)
-
-    model_dir = output_dir / "model"
-    if config.save_model:
-        save_hf_model(model, tokenizer, model_dir, env)
-    if env.is_main:
-        atomic_write_json(output_dir / "summary.json", {
-            "command": "distill", "steps": steps, "final_loss": last.get("loss"), "mode": config.loss.mode,
-            "teacher": cache.manifest["teacher"], "temperature": temperature,
-            "teacher_transform": config.loss.teacher_transform, "model": str(model_dir) if config.save_model else None})
-        log.info("outputs in %s (model: %s)", output_dir, model_dir)
+    train_supervised(
+        name="distill", config=config, output_dir=output_dir, env=env, model=model, tokenizer=tokenizer, pool=pool,
+        sampling=config.sampling, train=config.train, precision=config.student.precision, lisa=config.lisa,
+        seed=config.seed, save_model=config.save_model, validation_pool=validation_pool,
+        validation=config.validation, loss_sums_fn=loss_fn,
+        normalize_by="tokens" if config.loss.reduction == "token_mean" else "examples",
+        start_metrics={"temperature": temperature, "mode": config.loss.mode},
+        summary={"mode": config.loss.mode, "teacher": cache.manifest["teacher"], "temperature": temperature,
+                 "teacher_transform": config.loss.teacher_transform}, resume=resume)
     return output_dir

@@ -15,14 +15,12 @@ from lmrefinery.config import ReweightConfig, SamplingConfig
 from lmrefinery.data.collate import collate, rank_micro_batches
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.models import load_model
-from lmrefinery.recipes.common import accumulation_steps, load_data, make_lisa, total_steps
+from lmrefinery.recipes.common import accumulation_steps, begin_training_run, load_data, make_lisa, total_steps
 from lmrefinery.recipes.reweight_report import write_outputs
 from lmrefinery.scalebio import ScaleBiO
-from lmrefinery.train.checkpoint import seed_everything
-from lmrefinery.train.distributed import all_reduce_sum, setup_distributed, shard_model
+from lmrefinery.train.distributed import all_reduce_sum, shard_model
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import example_loss_sums
-from lmrefinery.train.run_dir import check_output_dir
 from lmrefinery.train.save import save_hf_model
 
 log = logging.getLogger(__name__)
@@ -53,9 +51,7 @@ def build_core(config: ReweightConfig, upper, lower, num_sources: int, steps: in
 
 
 def run(config: ReweightConfig, resume: bool = False) -> Path:
-    env = setup_distributed()
-    output_dir = check_output_dir(config.output_dir, resume)
-    seed_everything(config.seed, env.rank)
+    env, output_dir = begin_training_run(config, resume)
     train = config.train
 
     tokenizer, pool, extras = load_data(config.model, config.data, {"validation": config.validation.sources})
