@@ -145,7 +145,7 @@ def main() -> None:
         student = keep_layers(teacher, keep).train()
         optimizer = build_adamw(student, TrainConfig(lr=1e-6))
         loss_config = validate_config(DistillLossConfig, {"teacher_transform": "prob_temperature", "temperature": 0.3})
-        distill_fn = cached_loss_fn(cache, loss_config, 0.3)
+        distill_fn = cached_loss_fn(cache, loss_config, "prob_temperature", 0.3)
         online_fn = online_loss_fn(teacher, 1.0)
 
         def steps(fn):

@@ -6,6 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `precision: auto` would mean bf16 on some CI machines and fp32 on others: the suite's tolerances assume fp32.
+os.environ.setdefault("LMREFINERY_AUTO_PRECISION", "fp32")
 
 from tests.tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 

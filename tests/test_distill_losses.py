@@ -172,8 +172,10 @@ def test_cache_rows_align_with_the_response_positions_of_a_batch():
     student, ids, logprobs, mask, labels, tail = _inputs()
     response = ResponseLogits(student[mask], labels[mask], mask)
     settings = dict(teacher_transform="prob_temperature", temperature=0.5, other_bucket=True, hard_label_weight=0.2)
-    sums, counts = topk_distillation_sums(response, ids[mask], logprobs[mask], tail[mask], **settings)
+    sums, counts, stats = topk_distillation_sums(response, ids[mask], logprobs[mask], tail[mask], **settings)
     assert counts.tolist() == mask.sum(1).tolist()
+    full = torch.softmax(student[mask], -1)
+    assert float(stats["student_topk_mass"]) == pytest.approx(float(full.gather(-1, ids[mask]).sum()), rel=1e-9)
     expected = topk_kl_loss(student, ids, logprobs, mask, teacher_tail=tail, labels=labels, **settings)
     assert float(sums.sum() / counts.sum()) == pytest.approx(float(expected), abs=1e-9)
     per_example = [topk_kl_loss(student[b:b + 1], ids[b:b + 1], logprobs[b:b + 1], mask[b:b + 1],

@@ -16,7 +16,9 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     assert losses(double) == pytest.approx(losses(single), abs=1e-5)
     final_single, final_double = final_weights(single, 4), final_weights(double, 4)
     for name in final_single:
-        torch.testing.assert_close(final_double[name], final_single[name], atol=1e-5, rtol=0)
+        # lr 3e-3 × 4 Adam steps: a near-zero gradient's summation-order noise (ranks vs micro-batches) can move
+        # one element by ~1e-5 after Adam's normalisation; a real mismatch moves whole tensors by ~1e-3
+        torch.testing.assert_close(final_double[name], final_single[name], atol=3e-5, rtol=0)
     assert (tmp_path / "double" / "checkpoints" / "step-4" / "rng-rank1.pt").exists()
 
     # Resume under torchrun from the sharded run's step-2 checkpoint reproduces the same end point.

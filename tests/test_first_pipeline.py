@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from lmrefinery.models import find_decoder_layers
 from lmrefinery.train.run_dir import read_metrics
 from tests.first_helpers import make_cache
 from tests.helpers import run_cli, write_yaml
-from tests.tiny import FAMILIES, messages_records, tiny_model, write_jsonl
+from tests.tiny import FAMILIES, messages_records, save_tiny_model, tiny_model, write_jsonl
 
 
 def _overconfident_cache(tmp_path, model_dir, tokenizer, accuracy=0.6):
@@ -196,3 +197,108 @@ def test_calibrate_by_nll_minimises_the_gold_bucket_nll_computed_directly(tmp_pa
         assert point["nll"] == pytest.approx(direct_nll(point["temperature"]), rel=1e-4)
     assert result["after"]["nll"] == min(point["nll"] for point in result["curve"])
     assert result["temperature"] > 1.0  # an overconfident teacher needs flattening
+
+
+def _letter_and_tail_cache(tmp_path, model_dir, tokenizer):
+    """A held-out cache whose first response position (the "answer letter") is overconfident — 0.97 on a top-1
+    that is right 55% of the time — while every later position is 0.97 and always right."""
+    path = write_jsonl(tmp_path / "held.jsonl", messages_records(0, 60))
+    data = DataConfig(sources=[SourceConfig(name="held", path=str(path))], max_length=96)
+    pool = load_pool(data.sources, ChatEncoder(tokenizer), data)
+    rng = random.Random(1)
+    probabilities = torch.tensor([0.97, 0.01, 0.008, 0.006, 0.004])
+    ids, offsets = [], [0]
+    for example in pool.examples:
+        truths = [label for label in example.labels[1:] if label != -100]
+        for position, label in enumerate(truths):
+            wrong = [(label + j) % len(tokenizer) for j in range(1, 6)]
+            right = position > 0 or rng.random() < 0.55
+            ids.append([label] + wrong[:4] if right else wrong)
+        offsets.append(len(ids))
+    directory = tmp_path / "held-cache"
+    directory.mkdir()
+    count = len(ids)
+    write_shard(directory, 0, torch.tensor(ids, dtype=torch.uint16), probabilities.log().repeat(count, 1),
+                torch.full((count,), math.log(1 - float(probabilities.sum()))), torch.tensor(offsets), 0,
+                ConcentrationStats())
+    write_manifest(directory, teacher=str(model_dir), tokenizer=tokenizer, vocab_size=len(tokenizer), k=5,
+                   logprob_dtype="float32", pool=pool, data=data.model_dump(mode="json"),
+                   model={"name_or_path": str(model_dir)})
+    return directory, pool
+
+
+def test_answer_position_calibration_fits_the_letter_positions_only(tmp_path, tiny_model_dir, tokenizer):
+    from lmrefinery.distill.cache import TeacherCache
+    from lmrefinery.distill.temperature import gather_predictions, search_temperature
+
+    cache_dir, pool = _letter_and_tail_cache(tmp_path, tiny_model_dir, tokenizer)
+    chosen = {}
+    for positions in ("answer", "all"):
+        config = write_yaml(tmp_path / f"{positions}.yaml", {"output_dir": str(tmp_path / positions),
+                                                             "cache": str(cache_dir), "positions": positions})
+        assert run_cli("calibrate", "--config", config) == 0
+        chosen[positions] = json.loads((tmp_path / positions / "calibration.json").read_text())
+    # the reference: the same search over the first position of each example, selected here by hand
+    cache = TeacherCache(cache_dir)
+    rows = [cache.rows(i) for i in range(len(pool.examples))]
+    letters = tuple(torch.cat([row[j][:1] for row in rows]) for j in range(3))
+    truth = torch.tensor([next(label for label in e.labels[1:] if label != -100) for e in pool.examples])
+    targets = torch.where(letters[0][:, 0] == truth, 0, 5)
+    expected, _ = search_temperature(letters[1], letters[2], targets)
+    assert chosen["answer"]["positions"] == "answer"
+    assert chosen["answer"]["temperature"] == expected["temperature"]
+    assert chosen["answer"]["after"]["accuracy"] == pytest.approx(float((targets == 0).double().mean()))
+    assert chosen["all"]["temperature"] != chosen["answer"]["temperature"]  # the always-right tail pulls c elsewhere
+    answer_only = gather_predictions(cache, pool.examples, "answer")
+    assert answer_only[0].shape[0] == len(pool.examples)
+
+
+def _confident_teacher(tmp_path, model_dir) -> Path:
+    """The tiny model fine-tuned until it is sure of the training replies (top-5 mass close to 1)."""
+    data = write_jsonl(tmp_path / "memorise.jsonl", messages_records(0, 12))
+    config = {"output_dir": str(tmp_path / "teacher"), "model": {"name_or_path": str(model_dir)},
+              "data": {"sources": [{"name": "m", "path": str(data)}], "max_length": 96},
+              "train": {"steps": 40, "batch_size": 12, "micro_batch_size": 12, "lr": 3e-3, "warmup_steps": 0,
+                        "schedule": "constant"}}
+    assert run_cli("sft", "--config", write_yaml(tmp_path / "teacher.yaml", config)) == 0
+    return tmp_path / "teacher" / "model"
+
+
+def test_distill_warns_when_the_student_mass_on_the_teacher_top_k_stays_low(tmp_path, tiny_model_dir, caplog):
+    """A confident teacher's cache. A student with its mass elsewhere (a fresh random model of the same vocabulary:
+    on these tiny models a keep-layers student keeps most of the teacher's mass, the embeddings carry the memorised
+    replies) ends below 0.5 — the renormalised loss cannot move it — and the run warns with the remedy. The teacher
+    distilled into itself keeps its mass: no warning. The logged mass equals the direct computation."""
+    from tests.first_helpers import make_cache
+
+    teacher = _confident_teacher(tmp_path, tiny_model_dir)
+    cache = make_cache(tmp_path, teacher)
+    other = save_tiny_model(tmp_path / "other", "llama", seed=7)
+    common = {"cache": str(cache), "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-4},
+              "loss": {"teacher_transform": "linear"}}
+    masses = {}
+    for name, student in (("fresh", {"init": "model", "name_or_path": str(other)}),
+                          ("self", {"init": "keep-layers", "keep_every": 1})):
+        caplog.clear()
+        config = dict(common, output_dir=str(tmp_path / name), student=student)
+        with caplog.at_level("WARNING"):
+            assert run_cli("distill", "--config", write_yaml(tmp_path / f"{name}.yaml", config)) == 0
+        masses[name] = json.loads((tmp_path / name / "summary.json").read_text())["final_student_topk_mass"]
+        warned = any("top-k tokens" in record.getMessage() and "other_bucket" in record.getMessage()
+                     for record in caplog.records)
+        assert warned == (name == "fresh"), (name, masses)
+    assert masses["fresh"] < 0.5 <= masses["self"]
+    # the diagnostic is the student's full-vocabulary probability of the cached ids, recomputed here for the final
+    # student on the first example
+    from lmrefinery.distill.cache import TeacherCache
+    from lmrefinery.recipes.common import load_cache_with_data
+
+    cached, _, pool, _ = load_cache_with_data(str(cache))
+    ids, _, _ = TeacherCache(cache).rows(0)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "fresh" / "model").eval()
+    example = pool.examples[0]
+    with torch.no_grad():
+        logits = student(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+    positions = [t for t, label in enumerate(example.labels[1:]) if label != -100]
+    direct = torch.softmax(logits[positions], -1).gather(-1, ids).sum(-1)
+    assert 0 < float(direct.mean()) < 0.5

@@ -45,3 +45,44 @@ def test_discovery_falls_back_to_largest_uniform_module_list():
 def test_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot load the model"):
         load_model(ModelConfig(name_or_path=str(tmp_path / "absent")))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_at_supervised_positions_equals_the_full_logits_path(family, tokenizer):
+    """response_logits applies the LM head only where the next token is supervised; the losses and every parameter
+    gradient must equal those of the full [B, T, V] logits (Gemma-2's soft-capping included)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmrefinery.data.collate import collate
+    from lmrefinery.data.formats import Conversation, Message
+    from lmrefinery.data.sources import TokenizedExample
+    from lmrefinery.data.tokenize import ChatEncoder
+    from lmrefinery.train.losses import cross_entropy_sums, response_logits
+    from tests.tiny import QA
+
+    encoder = ChatEncoder(tokenizer)
+    examples = [TokenizedExample(*vars(encoder.encode(Conversation((Message("user", q), Message("assistant", a))),
+                                                      "t")).values(), 0) for q, a in QA[:3]]
+    batch = collate(examples, tokenizer.pad_token_id)
+    model = tiny_model(family, vocab_size=len(tokenizer)).eval()  # no dropout: both paths see the same network
+
+    def gradients(loss_fn):
+        model.zero_grad(set_to_none=True)
+        sums = loss_fn()
+        sums.sum().backward()
+        return sums.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    ours = gradients(lambda: cross_entropy_sums(response_logits(model, batch, "fp32"))[0])
+
+    def full():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:], ignore_index=-100,
+                                 reduction="none")
+        return losses.sum(dim=1)
+
+    reference = gradients(full)
+    torch.testing.assert_close(ours[0], reference[0], atol=1e-5, rtol=1e-6)
+    assert ours[1].keys() == reference[1].keys()
+    for name in ours[1]:
+        torch.testing.assert_close(ours[1][name], reference[1][name], atol=1e-6, rtol=1e-5)

@@ -129,7 +129,23 @@ def test_student_with_another_tokenizer_exits_2(tmp_path, tiny_model_dir, capsys
     changed.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
     changed.save_pretrained(other)
     assert run_cli("distill", "--config", _distill_config(tmp_path, cache, other)) == 2
-    assert "different tokenizer" in capsys.readouterr().err
+    assert "different vocabulary from the teacher's (1 tokens differ, e.g. ['<|tool|>'])" in capsys.readouterr().err
+
+
+def test_base_model_student_without_a_chat_template_is_accepted(tmp_path, tiny_model_dir):
+    """The paper's setting: a pretrained base model shares the teacher's vocabulary but has no chat template. It is
+    trained on the teacher-tokenised data (the cache's own examples) and saved with the teacher's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    cache = make_cache(tmp_path, tiny_model_dir)
+    base = tmp_path / "base"
+    tiny_model("llama", seed=1).save_pretrained(base)
+    tiny_tokenizer(chat_template=None).save_pretrained(base)
+    assert not AutoTokenizer.from_pretrained(base).chat_template
+    assert run_cli("distill", "--config", _distill_config(tmp_path, cache, base)) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "student" / "model").chat_template  # the data's template
 
 
 def test_resume_recomputes_shards_made_with_other_settings(tmp_path, tiny_model_dir):

@@ -30,7 +30,7 @@ def _examples(tokenizer):
 
 def _gradients(model, micro_batches, precision="fp32"):
     model.zero_grad(set_to_none=True)
-    loss, tokens, _ = accumulate_token_mean_gradients(model, micro_batches, DistEnv(), precision)
+    loss, tokens, _, _ = accumulate_token_mean_gradients(model, micro_batches, DistEnv(), precision)
     return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -164,7 +164,7 @@ def test_sequence_sum_normalisation_is_the_mean_per_example_sum_for_any_split(to
 
     def run(micro_batches):
         model.zero_grad(set_to_none=True)
-        loss, _, _ = accumulate_token_mean_gradients(model, micro_batches, DistEnv(), "fp32", normalize_by="examples")
+        loss = accumulate_token_mean_gradients(model, micro_batches, DistEnv(), "fp32", normalize_by="examples").loss
         return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
 
     loss_one, grads_one = run([collate(examples, pad)])

@@ -37,13 +37,18 @@ def line_plot(path: str | os.PathLike, steps: list[int], series: dict[str, list[
     return save_figure(figure, path)
 
 
-def bar_panels(path: str | os.PathLike, labels: list[str], panels: dict[str, list[float]], title: str) -> Path:
-    """One bar chart per metric, side by side, the same methods (labels) on each; missing values (NaN) are left out."""
+def bar_panels(path: str | os.PathLike, labels: list[str], panels: dict[str, list], title: str) -> Path:
+    """One bar chart per metric, side by side, the same methods (labels) on each; missing values (NaN) are left out.
+    A panel's values may be (value, low, high) triples: the bars then carry their confidence intervals."""
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), dpi=120, squeeze=False)
     colours = plt.get_cmap("tab10").colors
     for axis, (metric, values) in zip(axes[0], panels.items()):
         positions = range(len(labels))
-        axis.bar(positions, values, color=[colours[i % len(colours)] for i in positions])
+        errors = None
+        if values and isinstance(values[0], (tuple, list)):
+            errors = [[v - low for v, low, _ in values], [high - v for v, _, high in values]]
+            values = [v for v, _, _ in values]
+        axis.bar(positions, values, color=[colours[i % len(colours)] for i in positions], yerr=errors, capsize=3)
         axis.set_xticks(list(positions), labels, rotation=40, ha="right", fontsize=8)
         axis.set_title(metric, fontsize=10)
         axis.grid(axis="y", alpha=0.3)

@@ -1,4 +1,5 @@
-"""`lmrefinery compare`'s config: which baselines to run, on which data, under one budget (see docs/compare.md)."""
+"""`lmrefinery compare`'s config: which baselines to run, on which data, under one budget, over which seeds (see
+docs/compare.md)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from lmrefinery.config.loading import StrictModel
 from lmrefinery.config.sections import (CalibrationSettings, LISAConfig, ModelConfig, SourceConfig, TrainConfig,
                                         unique_source_names)
 
-
 MIXTURE_METHODS = ("uniform", "proportional", "less", "rho", "scalebio")
-DISTILL_METHODS = ("sft", "sft_temperature", "sft_label_smoothing", "topk_kd", "topk_kd_other", "online_kd", "first")
+DISTILL_METHODS = ("sft", "sft_temperature", "sft_label_smoothing", "topk_kd", "topk_kd_other", "online_kd", "first",
+                   "first_other")
+DEMO_DATA = ("quick", "default", "evidence")
 
 
 class LESSConfig(StrictModel):
@@ -23,7 +25,7 @@ class LESSConfig(StrictModel):
 
 class RHOConfig(StrictModel):
     reference_steps: int = Field(8, ge=1, description="SFT steps of the reference model on the validation set.")
-    reference_lr: float = Field(1e-4, ge=0)
+    reference_lr: float = Field(1e-4, ge=0, description="Learning rate of the reference model.")
 
 
 class ScaleBiOMethodConfig(StrictModel):
@@ -33,20 +35,25 @@ class ScaleBiOMethodConfig(StrictModel):
 
 
 class MixtureCompareConfig(StrictModel):
-    methods: list[Literal[MIXTURE_METHODS]] = Field(list(MIXTURE_METHODS), min_length=1)
+    methods: list[Literal[MIXTURE_METHODS]] = Field(list(MIXTURE_METHODS), min_length=1,
+                                                    description="Methods to run; the first is the reference every "
+                                                                "other one is compared with (uniform by default).")
     sources: list[SourceConfig] | None = Field(None, min_length=1, description="The pool every method draws from "
                                                                                 "(filled in by demo_data).")
     validation: list[SourceConfig] | None = Field(None, min_length=1, description="The target's validation set.")
     test: list[SourceConfig] | None = Field(None, min_length=1, description="The target's test set: conversations "
                                                                              "whose last turn is the reference answer.")
-    max_length: int = Field(1024, ge=8)
+    max_length: int = Field(1024, ge=8, description="Token limit per example (as in SFT).")
     token_budget: int | None = Field(None, ge=1, description="Tokens (prompt + response, as trained) in every "
                                                               "method's SFT set; default: num_examples × the pool's "
                                                               "mean example length.")
     num_examples: int | None = Field(None, ge=1, description="Sets the default token budget; default: "
                                                               "train.steps × train.batch_size.")
+    noisy_sources: list[str] | None = Field(None, description="Sources known to be noisy (corrupted, off-domain): the "
+                                                              "report checks that ScaleBiO ranks them below every "
+                                                              "other source (filled in by demo_data).")
     exact_match: bool = Field(True, description="Also score greedy answers (reasoning-gym scorer or string match).")
-    max_new_tokens: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1, description="Greedy decoding length of exact match.")
     less: LESSConfig = LESSConfig()
     rho: RHOConfig = RHOConfig()
     reweight: ScaleBiOMethodConfig = ScaleBiOMethodConfig()
@@ -58,38 +65,50 @@ class TeacherSpec(StrictModel):
     name_or_path: str = Field(description="The teacher model (hub id, directory or alias).")
     finetune_steps: int | None = Field(None, ge=1, description="First fine-tune it on the training conversations "
                                                                 "for this many steps (a shared stage).")
+    finetune_lr: float | None = Field(None, ge=0, description="Its learning rate; default: train.lr.")
 
 
 class DistillCompareConfig(StrictModel):
-    methods: list[Literal[DISTILL_METHODS]] = Field(list(DISTILL_METHODS), min_length=1)
+    methods: list[Literal[DISTILL_METHODS]] = Field(list(DISTILL_METHODS), min_length=1,
+                                                    description="Methods to run; the first is the reference every "
+                                                                "other one is compared with (sft by default).")
     teacher: TeacherSpec
     train: list[SourceConfig] | None = Field(None, min_length=1, description="Conversations the students learn "
                                                                               "from (filled in by demo_data).")
     validation_items: str | None = Field(None, description="Held-out multiple-choice items: FIRST's calibration "
                                                             "cache and the post-hoc temperature are fitted on them.")
-    test_items: str | None = Field(None, description="Multiple-choice items every model is scored on.")
-    max_length: int = Field(1024, ge=8)
-    student: StudentConfig = StudentConfig()
+    test_items: str | None = Field(None, description="In-domain multiple-choice items every model is scored on.")
+    ood_test_items: str | None = Field(None, description="Out-of-domain multiple-choice items (another task family) "
+                                                         "every model is also scored on.")
+    max_length: int = Field(1024, ge=8, description="Token limit per training example.")
+    student: StudentConfig = Field(StudentConfig(), description="Every student's init (the same for all methods).")
     k: int = Field(5, ge=1, le=64, description="Top-k of the teacher cache.")
     label_smoothing: float = Field(0.1, gt=0, lt=1, description="ε of the label-smoothing baseline.")
-    calibrate: CalibrationSettings = Field(CalibrationSettings(), description="FIRST's calibration of the teacher "
-                                                                              "(on the validation items' cache).")
-    n_bins: int = Field(10, ge=2)
+    calibrate: CalibrationSettings = Field(CalibrationSettings(positions="answer"),
+                                           description="FIRST's calibration of the teacher on the validation items' "
+                                                       "cache (answer positions by default: these are MCQ items).")
+    hard_label_weight: float = Field(0.0, ge=0, le=1, description="β of every top-k method (the paper: 0).")
+    n_bins: int = Field(10, ge=2, description="Calibration bins.")
 
 
 class CompareConfig(StrictModel):
-    output_dir: str = "compare-out"
-    seed: int = 0
+    output_dir: str = Field("compare-out", description="Everything goes here; rerun the same command to resume.")
+    seeds: list[int] = Field([0], min_length=1, description="Every method runs once per seed (training order, "
+                                                             "sampling, selection randomness); results are pooled "
+                                                             "over seeds × test items.")
+    data_seed: int = Field(0, description="Seed of the demo data and of the shared teacher stages (fixed across "
+                                          "`seeds`).")
     model: ModelConfig | None = Field(None, description="The base model every mixture method fine-tunes (required "
                                                          "with a `mixture` section).")
     train: TrainConfig = Field(TrainConfig(), description="Shared by every method: batch, learning rate, schedule; "
                                                           "steps of the students (and the default mixture token "
                                                           "budget).")
+    eval_batch_size: int = Field(16, ge=1, description="Examples per forward pass of every evaluation.")
     mixture: MixtureCompareConfig | None = None
     distillation: DistillCompareConfig | None = None
-    demo_data: Literal["quick", "default"] | None = Field(
+    demo_data: Literal[DEMO_DATA] | None = Field(
         None, description="Build the demo's data (sizes of that preset) under output_dir/data and fill in every "
-                          "source and split path: the `demo` setting, with no files to provide.")
+                          "source and split path left out: the `demo` setting, with no files to provide.")
 
     @model_validator(mode="after")
     def _something_to_compare(self) -> "CompareConfig":
@@ -97,6 +116,8 @@ class CompareConfig(StrictModel):
             raise ValueError("nothing to compare: give a `mixture` section, a `distillation` section, or both")
         if self.mixture is not None and self.model is None:
             raise ValueError("a `mixture` comparison needs `model` (the base model each method fine-tunes)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if self.demo_data is None:
             for section, keys in (("mixture", ("sources", "validation", "test")),
                                   ("distillation", ("train", "validation_items", "test_items"))):

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from lmrefinery.config.loading import StrictModel
 
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text2text", "text"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
 
 
@@ -29,8 +29,9 @@ class RunConfig(StrictModel):
 class ComputeConfig(StrictModel):
     """How a model computes: shared by every model a command loads (the trained model, a student)."""
 
-    precision: Precision = Field("fp32", description="Compute precision. 'bf16' = bf16 autocast with fp32 master "
-                                                     "weights and optimizer state.")
+    precision: Precision = Field("auto", description="Compute precision. 'bf16' = bf16 autocast with fp32 master "
+                                                     "weights and optimizer state; 'auto' = bf16 where the CPU/GPU "
+                                                     "computes it natively (AVX512_BF16, AMX, CUDA), else fp32.")
     attn_implementation: Attention | None = Field("sdpa", description="Attention kernel passed to transformers.")
     gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing.")
 
@@ -144,6 +145,10 @@ class CalibrationSettings(StrictModel):
     transform: Literal["prob_temperature", "logit_temperature"] = Field(
         "prob_temperature", description="FIRST's temperature on the probabilities, or the usual one on the logits.")
     objective: Literal["ece", "nll"] = Field("ece", description="What the temperature search minimises.")
+    positions: Literal["all", "answer"] = Field(
+        "all", description="Held-out positions the search scores: 'all' response positions, or 'answer' — the first "
+                           "response position of each example (the option letter of multiple-choice conversations; "
+                           "the near-certain end-of-turn token after it would otherwise pull the temperature down).")
     n_bins: int = Field(10, ge=2, description="ECE bins.")
     grid: list[float] | None = Field(
         None, min_length=1, description="Coarse grid of temperatures; default 0.1 … 1.0 for prob_temperature, "

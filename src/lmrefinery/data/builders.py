@@ -38,24 +38,43 @@ def _scoring_dataset(task: str, seed: int, count: int, config_json: str):
     return _reasoning_gym().create_dataset(task, size=count, seed=seed, **json.loads(config_json))
 
 
-def reasoning_gym_records(task: str, count: int, seed: int, **task_config) -> list[dict]:
-    """`count` chat records of one reasoning-gym task (with optional generator settings such as `max_digits=1`);
-    each record keeps what the scorer needs to rebuild the item (task, seed, count, index, config)."""
-    rg = _reasoning_gym()
+def _dataset(task: str, size: int, seed: int, task_config: dict):
     try:
-        dataset = rg.create_dataset(task, size=count, seed=seed, **task_config)
+        return _reasoning_gym().create_dataset(task, size=size, seed=seed, **task_config)
     except Exception as exc:  # reasoning-gym raises plain errors for unknown names or bad sizes
         raise UserError(f"reasoning-gym task '{task}': cannot generate ({exc})") from None
-    records = []
-    for index in range(count):
-        item = dataset[index]
-        records.append({
-            "messages": [{"role": "user", "content": f"{item['question']}\n\n{ANSWER_INSTRUCTION}"},
-                         {"role": "assistant", "content": str(item["answer"])}],
-            "task": task, "answer": str(item["answer"]), "index": index, "seed": seed, "count": count,
-            "config": dict(task_config),
-        })
-    return records
+
+
+def reasoning_gym_records(task: str, count: int, seed: int, exclude: set[str] | None = None,
+                          **task_config) -> list[dict]:
+    """`count` chat records of one reasoning-gym task (with optional generator settings such as `max_digits=1`);
+    each record keeps what the scorer needs to rebuild the item (task, seed, count, index, config).
+
+    With `exclude` (a set of questions, possibly empty) the records have distinct questions, none of them in
+    `exclude`: how splits of a small task family (1-digit arithmetic has about 2,000 distinct questions) are kept
+    apart, so no test question was trained on.
+    """
+    size = count if exclude is None else 2 * count + 64
+    while True:
+        dataset = _dataset(task, size, seed, task_config)
+        records, seen = [], set(exclude or ())
+        for index in range(size):
+            item = dataset[index]
+            if exclude is not None:
+                if item["question"] in seen:
+                    continue
+                seen.add(item["question"])
+            records.append({
+                "messages": [{"role": "user", "content": f"{item['question']}\n\n{ANSWER_INSTRUCTION}"},
+                             {"role": "assistant", "content": str(item["answer"])}],
+                "task": task, "answer": str(item["answer"]), "question": item["question"], "index": index,
+                "seed": seed, "count": size, "config": dict(task_config)})
+            if len(records) == count:
+                return records
+        if size > 64 * count + 4096:
+            raise UserError(f"reasoning-gym task '{task}': fewer than {count} distinct new questions with "
+                            f"settings {task_config}")
+        size *= 2
 
 
 def score_answer(task: str, seed: int, count: int, index: int, answer: str, config: dict | None = None) -> float:
@@ -117,11 +136,13 @@ def kjv_records(count: int, seed: int, words: int = 48) -> list[dict]:
     return records
 
 
-def mcq_items(task: str, count: int, seed: int, options: int = 4, **task_config) -> list[dict]:
+def mcq_items(task: str, count: int, seed: int, options: int = 4, exclude: set[str] | None = None,
+              **task_config) -> list[dict]:
     """Multiple-choice items: each item's gold answer and options − 1 distinct distractors taken from the answers of
-    other items of the same family (never equal to the gold answer), the gold placed at a seeded random letter."""
+    other items of the same family (never equal to the gold answer), the gold placed at a seeded random letter.
+    `exclude`: as for `reasoning_gym_records` (distinct questions, none of them in `exclude`)."""
     pool_size = max(count * 3, count + 4 * options)
-    records = reasoning_gym_records(task, pool_size, seed, **task_config)
+    records = reasoning_gym_records(task, pool_size, seed, exclude, **task_config)
     answers = sorted({r["answer"] for r in records})
     if len(answers) < options:
         raise UserError(f"reasoning-gym task '{task}': only {len(answers)} distinct answers, {options} options needed")
@@ -134,5 +155,5 @@ def mcq_items(task: str, count: int, seed: int, options: int = 4, **task_config)
         choices = distractors[:position] + [gold] + distractors[position:]
         question = record["messages"][0]["content"].removesuffix(f"\n\n{ANSWER_INSTRUCTION}")
         items.append({"question": question, "options": choices, "answer": "ABCDEFGHIJ"[position], "task": task,
-                      "index": record["index"], "seed": seed, "count": pool_size, "config": dict(task_config)})
+                      "index": record["index"], "seed": seed, "count": record["count"], "config": dict(task_config)})
     return items

@@ -44,8 +44,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def vocabulary_fingerprint(tokenizer) -> str:
+    """Of the token ↔ id map (added special tokens included): two tokenizers with equal fingerprints give every id
+    the same meaning, whatever their chat templates."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever token ids could mean something else: vocabulary, special tokens, chat template."""
+    """Changes whenever tokenised data could differ: vocabulary, special tokens, chat template."""
     digest = hashlib.sha256()
     digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
@@ -205,8 +211,18 @@ class TeacherCache:
                 raise UserError(f"{path}: checksum mismatch (the shard is corrupt); delete it and its .json, then "
                                 f"rerun `lmrefinery teacher --resume` to recompute it")
 
+    def check_student_tokenizer(self, student_tokenizer, teacher_tokenizer) -> None:
+        """A student reads the teacher's token ids directly, so its vocabulary must be the teacher's. Its chat
+        template may differ or be absent (a base model, the paper's setting): the data is tokenised as the cache was."""
+        if vocabulary_fingerprint(student_tokenizer) != vocabulary_fingerprint(teacher_tokenizer):
+            student, teacher = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+            differing = sorted(t for t in set(student) | set(teacher) if student.get(t) != teacher.get(t))
+            raise UserError(f"{self.directory / MANIFEST}: the student's tokenizer {student_tokenizer.name_or_path!r} "
+                            f"has a different vocabulary from the teacher's ({len(differing)} tokens differ, e.g. "
+                            f"{differing[:3]}); teacher and student must share token ids")
+
     def check_compatible(self, tokenizer, examples) -> None:
-        """The tokenizer (the student's, when distilling) and the tokenised examples must be the cache's."""
+        """The tokenizer and the tokenised examples must be the ones the cache was made with."""
         where = self.directory / MANIFEST
         if self.manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise UserError(f"{where}: the cache was made with a different tokenizer than {tokenizer.name_or_path!r} "

@@ -148,9 +148,22 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teache
     return sums.sum() / student_logits.shape[0]
 
 
+def student_topk_mass(student_logits: torch.Tensor, teacher_ids: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
+    """The student's full-vocabulary probability mass on the teacher's top-k ids, per position ([N, V] → [N]).
+
+    The renormalised top-k loss constrains only ratios among those ids: its gradient is zero outside them and sums to
+    zero over them, so it never raises this mass. A student that starts with little mass there (a keep-layers init)
+    can reach zero loss while its top-1 stays a token the teacher never ranked; this is the number that shows it.
+    """
+    with torch.no_grad():
+        inside = torch.logsumexp(_at_least_fp32(student_logits.gather(-1, teacher_ids.long())), dim=-1)
+        return torch.exp(inside - chunked_logsumexp(student_logits, chunk_size))
+
+
 def topk_distillation_sums(response: ResponseLogits, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                           teacher_tail: torch.Tensor, **settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example of a batch: the sum of top-k losses over its response positions, and how many there are.
+                           teacher_tail: torch.Tensor, **settings) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Per example of a batch: the sum of top-k losses over its response positions, how many there are, and the sum
+    of the student's mass on the teacher's top-k ids (`student_topk_mass`, a diagnostic).
 
     The teacher rows [P, k] / [P] are the batch's cache rows concatenated example by example — the same row-major
     order as `response.logits`, so row i of each is the same position. `settings`: the keyword arguments of
@@ -160,9 +173,11 @@ def topk_distillation_sums(response: ResponseLogits, teacher_ids: torch.Tensor, 
         raise ValueError(f"{teacher_ids.shape[0]} cached positions for {response.logits.shape[0]} response "
                          f"positions: the cache was not made from these examples")
     device = response.logits.device
-    per_position = topk_kl_per_position(response.logits, teacher_ids.to(device), teacher_logprobs.to(device),
+    teacher_ids = teacher_ids.to(device)
+    per_position = topk_kl_per_position(response.logits, teacher_ids, teacher_logprobs.to(device),
                                         teacher_tail=teacher_tail.to(device), labels=response.targets, **settings)
-    return response.example_sums(per_position), response.counts()
+    mass = student_topk_mass(response.logits, teacher_ids)
+    return response.example_sums(per_position), response.counts(), {"student_topk_mass": mass.sum()}
 
 
 def online_kd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -21,13 +21,18 @@ DEFAULT_GRIDS = {"prob_temperature": [round(0.1 * i, 1) for i in range(1, 11)],
 MAX_EXTENSIONS = 4
 
 
-def gather_predictions(cache, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All held-out positions: (logprobs [P, k], tail [P], index of the true token among the k, or k if outside)."""
+def gather_predictions(cache, examples, positions: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Held-out positions — every response position, or with `positions="answer"` the first of each example — as
+    (logprobs [P, k], tail [P], index of the true token among the k, or k if outside)."""
+    if positions not in ("all", "answer"):
+        raise ValueError(f"positions must be 'all' or 'answer', got {positions!r}")
     logprobs, tails, targets = [], [], []
     for index, example in enumerate(examples):
         ids, example_logprobs, tail = cache.rows(index)
         labels = torch.tensor(example.labels[1:])
         truth = labels[labels != IGNORE_INDEX]
+        if positions == "answer":
+            ids, example_logprobs, tail, truth = ids[:1], example_logprobs[:1], tail[:1], truth[:1]
         hits = ids == truth.unsqueeze(-1)
         targets.append(torch.where(hits.any(-1), hits.float().argmax(-1), torch.full_like(truth, ids.shape[1])))
         logprobs.append(example_logprobs)

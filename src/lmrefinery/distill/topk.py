@@ -4,11 +4,13 @@ from an fp32 log-softmax over the full vocabulary, plus the log of the mass outs
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lmrefinery.data.collate import Batch
 from lmrefinery.data.tokenize import IGNORE_INDEX
 from lmrefinery.distill.cache import STAT_KS, ConcentrationStats
 from lmrefinery.distill.losses import log1mexp
+from lmrefinery.models.head import logits_at
 from lmrefinery.train.precision import autocast
 
 POSITION_CHUNK = 512  # positions per fp32 log-softmax: bounds the fp32 copy to 512 × vocabulary
@@ -18,10 +20,10 @@ POSITION_CHUNK = 512  # positions per fp32 log-softmax: bounds the fp32 copy to 
 def teacher_topk(model, batch: Batch, k: int, precision: str, stats: ConcentrationStats | None = None):
     """Per example of the batch: (ids [P, k], logprobs [P, k], tail [P]) at its response positions (those whose next
     token is supervised). `stats` collects the cumulative top-1..10 mass of every position."""
+    response = batch.labels[:, 1:] != IGNORE_INDEX
     with autocast(precision, batch.input_ids.device):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    response = (batch.labels[:, 1:] != IGNORE_INDEX).to(logits.device)  # logits may sit on another GPU (device_map)
-    selected = logits[:, :-1][response]
+        selected = logits_at(model, F.pad(response, (0, 1), value=False), input_ids=batch.input_ids,
+                             attention_mask=batch.attention_mask)
     keep = max(k, len(STAT_KS))
     ids, logprobs, tails = [], [], []
     for start in range(0, selected.shape[0], POSITION_CHUNK):

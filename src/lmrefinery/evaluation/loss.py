@@ -30,7 +30,8 @@ def _summary(loss_sum: float, tokens: int, examples: int) -> dict:
 def evaluate_loss(model: nn.Module, pool: SourcePool, env: DistEnv, batch_size: int, precision: str,
                   pad_id: int, progress=None, n_bins: int = 10) -> dict:
     """Each rank scores a strided slice of the length-sorted pool; sums are all-reduced, so results do not depend
-    on the number of processes (up to float summation order)."""
+    on the number of processes (up to float summation order). `per_example` lists, in pool order, each example's
+    token-loss sum and supervised token count (its own token-mean loss is their ratio)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(pool.examples)), key=lambda i: len(pool.examples[i].input_ids))
@@ -43,6 +44,7 @@ def evaluate_loss(model: nn.Module, pool: SourcePool, env: DistEnv, batch_size: 
     loss_sums = torch.zeros(num_sources, dtype=torch.float64, device=env.device)
     token_counts = torch.zeros(num_sources, dtype=torch.float64, device=env.device)
     example_counts = torch.zeros(num_sources, dtype=torch.float64, device=env.device)
+    example_sums = torch.zeros(len(pool.examples), 2, dtype=torch.float64, device=env.device)  # loss sum, tokens
     token_calibration = TokenCalibration(n_bins, env.device)
     for index in range(int(count.item())):
         real = index < len(batches)
@@ -54,16 +56,20 @@ def evaluate_loss(model: nn.Module, pool: SourcePool, env: DistEnv, batch_size: 
             loss_sums.index_add_(0, batch.source_ids, sums.double())
             token_counts.index_add_(0, batch.source_ids, tokens.double())
             example_counts.index_add_(0, batch.source_ids, torch.ones_like(sums, dtype=torch.float64))
+            rows = torch.tensor(batches[index], device=env.device)
+            example_sums[rows] = torch.stack([sums.double(), tokens.double()], dim=1).to(env.device)
         if progress is not None:
             progress.update(1)
-    for tensor in (loss_sums, token_counts, example_counts, *token_calibration.tensors()):
+    for tensor in (loss_sums, token_counts, example_counts, example_sums, *token_calibration.tensors()):
         all_reduce_sum(tensor, env)
     model.train(was_training)
     per_source = {name: _summary(float(loss_sums[i]), int(token_counts[i]), int(example_counts[i]))
                   for i, name in enumerate(pool.names)}
     overall = _summary(float(loss_sums.sum()), int(token_counts.sum()), int(example_counts.sum()))
     overall.update(token_calibration.summary())
-    return {"overall": overall, "per_source": per_source}
+    per_example = [{"source": pool.names[example.source_id], "record": example.record, "loss_sum": float(total),
+                    "tokens": int(tokens)} for example, (total, tokens) in zip(pool.examples, example_sums.tolist())]
+    return {"overall": overall, "per_source": per_source, "per_example": per_example}
 
 
 class TokenCalibration:

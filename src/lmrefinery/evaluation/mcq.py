@@ -16,6 +16,7 @@ from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.errors import UserError
 from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, expected_calibration_error,
                                                maximum_calibration_error, negative_log_likelihood)
+from lmrefinery.models.head import logits_at
 from lmrefinery.train.precision import autocast
 
 
@@ -48,10 +49,11 @@ def answer_logits(model, encoder: ChatEncoder, items: list[MCQItem], batch_size:
         for row, i in enumerate(chunk):
             input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             attention[row, : len(encoded[i])] = 1
+        last = torch.zeros_like(input_ids, dtype=torch.bool)  # the answer position: each prompt's last token
+        last[torch.arange(len(chunk)), torch.tensor([len(encoded[i]) - 1 for i in chunk])] = True
         with autocast(precision, device):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-        last = torch.tensor([len(encoded[i]) - 1 for i in chunk], device=device)
-        yield chunk, logits[torch.arange(len(chunk), device=device), last].float().cpu()
+            logits = logits_at(model, last, input_ids=input_ids.to(device), attention_mask=attention.to(device))
+        yield chunk, logits.float().cpu()
 
 
 def option_variants(tokenizer, items: list[MCQItem]) -> list[list[list[int]]]:

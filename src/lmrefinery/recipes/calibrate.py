@@ -24,13 +24,14 @@ def _public(result: dict) -> dict:
 
 def run(config: CalibrateConfig) -> Path:
     cache, _, pool, _ = load_cache_with_data(config.cache)
-    logprobs, tails, targets = gather_predictions(cache, pool.examples)
+    logprobs, tails, targets = gather_predictions(cache, pool.examples, config.positions)
     chosen, curve = search_temperature(logprobs, tails, targets, transform=config.transform,
                                        objective=config.objective, n_bins=config.n_bins, grid=config.grid,
                                        fine_step=config.fine_step)
     before = score_temperature(logprobs, tails, targets, None, 1.0, config.n_bins)
     at_one = curve.get(1.0) or score_temperature(logprobs, tails, targets, config.transform, 1.0, config.n_bins)
     objective = config.objective
+    improves = chosen[objective] < before[objective]
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -39,13 +40,18 @@ def run(config: CalibrateConfig) -> Path:
     reliability_diagram(chosen["_confidence"], chosen["_correct"], output_dir / "plots" / "reliability-after.png",
                         config.n_bins, f"Teacher after {config.transform}, c = {chosen['temperature']:g}")
     atomic_write_json(output_dir / "calibration.json", {
-        "transform": config.transform, "objective": objective, "temperature": chosen["temperature"],
+        "transform": config.transform, "objective": objective, "positions": config.positions,
+        "temperature": chosen["temperature"], "improves": improves,
         "ece_before": before["ece"], "ece_after": chosen["ece"], "ece_at_temperature_1": at_one["ece"],
         "before": _public(before), "after": _public(chosen), "at_temperature_1": _public(at_one),
-        "positions": int(targets.numel()), "k": cache.k, "cache": str(config.cache),
+        "held_out_positions": int(targets.numel()), "k": cache.k, "cache": str(config.cache),
         "curve": [_public(curve[c]) for c in sorted(curve)]})
     atomic_write_text(output_dir / "config.yaml", dump_config(config))
     log.info("temperature %.2f (%s): ECE %.4f → %.4f (%.4f at c = 1), %d positions; wrote %s", chosen["temperature"],
              config.transform, before["ece"], chosen["ece"], at_one["ece"], targets.numel(),
              output_dir / "calibration.json")
+    if not improves:
+        log.warning("no temperature improves on the teacher as it is (%s %.4f untransformed, %.4f at the best c = %g): "
+                    "calibration.json says so, and distill then keeps the teacher's distribution unchanged",
+                    objective.upper(), before[objective], chosen[objective], chosen["temperature"])
     return output_dir

@@ -23,7 +23,7 @@ from lmrefinery.train.distributed import DistEnv, setup_distributed
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import LossSumsFn, example_loss_sums
 from lmrefinery.train.optim import build_adamw, build_scheduler
-from lmrefinery.train.run_dir import check_output_dir
+from lmrefinery.train.run_dir import check_output_dir, read_metrics
 from lmrefinery.train.save import save_hf_model
 from lmrefinery.train.supervised import supervised_step_fn
 
@@ -47,12 +47,12 @@ def load_data(model: ModelConfig, data: DataConfig, extra: dict[str, list[Source
     return tokenizer, pool, extras
 
 
-def load_cache_with_data(cache_dir: str, tokenizer_model: ModelConfig | None = None):
-    """A teacher cache, a tokenizer (the teacher's, or `tokenizer_model`'s — a student's) and the very examples the
-    cache was computed on (re-tokenised from the data config in its manifest, checked against its fingerprints)."""
+def load_cache_with_data(cache_dir: str):
+    """A teacher cache, the teacher's tokenizer and the very examples the cache was computed on (re-tokenised from
+    the data and model configs in its manifest, checked against its fingerprints)."""
     cache = TeacherCache(cache_dir)
     data = validate_config(DataConfig, cache.manifest["data"], f"{cache_dir}/{MANIFEST} data")
-    model = tokenizer_model or validate_config(ModelConfig, cache.manifest["model"], f"{cache_dir}/{MANIFEST} model")
+    model = validate_config(ModelConfig, cache.manifest["model"], f"{cache_dir}/{MANIFEST} model")
     tokenizer, pool, _ = load_data(model, data)
     cache.check_compatible(tokenizer, pool.examples)
     return cache, tokenizer, pool, data
@@ -92,9 +92,12 @@ def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model
                      sampling: SamplingConfig, train: TrainConfig, precision: str, lisa: LISAConfig, seed: int,
                      save_model: bool, validation_pool: SourcePool | None = None, validation=None,
                      loss_sums_fn: LossSumsFn = example_loss_sums, normalize_by: str = "tokens",
-                     start_metrics: dict | None = None, summary: dict | None = None, resume: bool = False) -> dict:
+                     start_metrics: dict | None = None, summary: dict | None = None, diagnostics: tuple[str, ...] = (),
+                     resume: bool = False) -> dict:
     """The supervised run of sft and distill: batches drawn by `sampling`, AdamW + schedule (+ LISA) around the
-    shared loop, then the model in HF format (output_dir/model) and summary.json (returned)."""
+    shared loop, then the model in HF format (output_dir/model) and summary.json (returned). Each name in
+    `diagnostics` (a per-step metric of the loss function) is summarised as its mean over the last quarter of the
+    logged steps."""
     accumulation = accumulation_steps(train.batch_size, train.micro_batch_size, env.world_size)
     steps = total_steps(train.steps, train.epochs, pool, train.batch_size)
     sampler = MixtureSampler.build(sampling, pool.names, pool.source_indices(), train.batch_size, seed)
@@ -121,6 +124,11 @@ def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model
         save_hf_model(model, tokenizer, model_dir, env)
     result = {"command": name, "steps": steps, "final_loss": last.get("loss"), "sources": pool.names,
               "source_sizes": pool.sizes, **(summary or {}), "model": str(model_dir) if save_model else None}
+    if diagnostics and env.is_main:
+        rows = [m for m in read_metrics(output_dir / "metrics.jsonl") if "loss" in m and "event" not in m]
+        tail = rows[-max(1, len(rows) // 4):]
+        result.update({f"final_{key}": sum(m[key] for m in tail) / len(tail) for key in diagnostics
+                       if all(key in m for m in tail)})
     if env.is_main:
         atomic_write_json(output_dir / "summary.json", result)
         log.info("outputs in %s (model: %s, metrics: %s)", output_dir, model_dir, output_dir / "metrics.jsonl")

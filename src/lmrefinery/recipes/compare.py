@@ -1,23 +1,20 @@
-"""`lmrefinery compare`: the papers' baselines side by side, under one budget, on one test.
+"""`lmrefinery compare`: the papers' baselines side by side, under one budget, on one test, over several seeds.
 
-Mixture / selection (each makes an SFT set within one token budget from the same pool, then one pass of the same
-SFT settings over it):
-    uniform        equal weight per source                  proportional   weight ∝ source size
-    less           best by LESS-style gradient similarity    rho            best by RHO-style excess loss
-    scalebio       `reweight`, then `mix` with the learned weights
-  each evaluated on the target's test set: loss, exact-match accuracy, token-level ECE and Brier.
-Distillation (the same keep-layers student init, the same steps, batch and learning rate):
-    sft, sft_temperature (post-hoc temperature fitted on validation, NLL), sft_label_smoothing, topk_kd (cache,
-    no re-calibration), topk_kd_other (+ other bucket), online_kd (full vocabulary, live teacher), first
-  each evaluated on the test MCQ items: accuracy, ECE, Brier, NLL (full-vocabulary view, the papers' definition).
+Mixture / selection (compare_mixture.py): each method makes an SFT set within one token budget from the same pool,
+then one pass of the same SFT settings over it; scored on the target's test set (per-example loss, exact match).
+Distillation (compare_distillation.py): the same student init, steps, batch and learning rate for every student;
+scored on in-domain and out-of-domain multiple-choice tests (accuracy, ECE, NLL, Brier).
 
-Stages that several distillation methods need (teacher fine-tuning, teacher caches, the student init) run once, in
-this process. Each method runs in its own fresh process, so its wall time and peak memory
-are its own; its result.json marks it complete, so an interrupted comparison resumes with the next method.
+Every method runs once per seed, each run in its own fresh process (its wall time and peak memory are its own); its
+result.json is the unit of resume, so an interrupted comparison continues with the next (method, seed). Stages that
+several methods need (teacher fine-tuning, teacher caches, calibration) run once, in this process. The report
+(compare_report.py) pools seeds × test items: means with 95% bootstrap CIs and paired differences against the
+reference method (the first listed: uniform, sft).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -25,19 +22,15 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import gc
-
 import torch
 
-from lmrefinery.config import SFTConfig, TeacherConfig, dump_config
-from lmrefinery.config.compare import CompareConfig
+from lmrefinery.config import CompareConfig, dump_config
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.logs import configure_logging
-from lmrefinery.recipes import compare_methods as methods
-from lmrefinery.recipes import demo_data, sft, teacher
+from lmrefinery.recipes import compare_distillation, compare_mixture, demo_data
 from lmrefinery.recipes.compare_report import write_report
-from lmrefinery.recipes.stages import run_stage, save_student_init
+from lmrefinery.recipes.stages import device
 from lmrefinery.train.precision import peak_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -48,20 +41,21 @@ def _in_child(function, *args) -> dict:
     configure_logging()
     start = time.perf_counter()
     result = function(*args)
-    device = methods.device()
-    result.update(wall_s=time.perf_counter() - start, peak_memory_bytes=peak_memory_bytes(device),
-                  peak_memory_kind="accelerator allocated" if device.type == "cuda" else "process resident set")
+    used = device()
+    result.update(wall_s=time.perf_counter() - start, peak_memory_bytes=peak_memory_bytes(used),
+                  peak_memory_kind="accelerator allocated" if used.type == "cuda" else "process resident set")
     return result
 
 
 def run_method(directory: Path, function, *args, isolate: bool = True) -> dict:
-    """A method's result: read from result.json when complete, else computed (in a fresh process) and written."""
+    """A method's result for one seed: read from result.json when complete, else computed (in a fresh process) and
+    written."""
     done = directory / "result.json"
     if done.exists():
-        log.info("method %s: already complete", directory.name)
+        log.info("%s: already complete", directory)
         return json.loads(done.read_text())
     directory.mkdir(parents=True, exist_ok=True)
-    log.info("method %s: running", directory.name)
+    log.info("%s: running", directory)
     if isolate:
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
             result = pool.submit(_in_child, function, *args).result()
@@ -71,52 +65,14 @@ def run_method(directory: Path, function, *args, isolate: bool = True) -> dict:
     return result
 
 
-def _check_budget(config: CompareConfig) -> None:
-    if config.train.steps is None:
-        raise UserError("compare: train.steps is required (every method gets the same number of optimizer steps)")
-
-
 def _mixture(config: CompareConfig, out: Path, isolate: bool) -> dict:
-    mixture = config.mixture
-    results = {}
-    for name in mixture.methods:
-        results[name] = run_method(out / name, methods.MIXTURE[name], config, str(out / name), isolate=isolate)
+    results = {name: {} for name in config.mixture.methods}
+    for seed in config.seeds:
+        for name in config.mixture.methods:
+            directory = out / name / f"seed-{seed}"
+            results[name][seed] = run_method(directory, compare_mixture.METHODS[name], config, seed, str(directory),
+                                             isolate=isolate)
     return results
-
-
-def _shared_distillation_stages(config: CompareConfig, out: Path) -> dict:
-    """Teacher (optionally fine-tuned), its caches of the training and validation conversations, the student init."""
-    distillation = config.distillation
-    timings = {}
-    teacher_model = distillation.teacher.name_or_path
-    train_data = {"sources": [s.model_dump() for s in distillation.train], "max_length": distillation.max_length}
-    if distillation.teacher.finetune_steps:
-        teacher_dir = out / "teacher-sft"
-        train = config.train.model_dump(mode="json") | {"steps": distillation.teacher.finetune_steps,
-                                                        "checkpoint_every": distillation.teacher.finetune_steps}
-        start = time.perf_counter()
-        run_stage(sft, SFTConfig, {"output_dir": str(teacher_dir), "seed": config.seed,
-                                   "model": {"name_or_path": teacher_model}, "data": train_data, "train": train},
-                  teacher_dir / "summary.json", teacher_dir)
-        timings["teacher fine-tuning"] = time.perf_counter() - start
-        teacher_model = str(teacher_dir / "model")
-    validation_conversations = methods.write_mcq_conversations(distillation.validation_items,
-                                                               out / "validation.conversations.jsonl")
-    for stage, data in (("cache-train", train_data), ("cache-validation", {
-            "sources": [{"name": "validation", "path": str(validation_conversations)}],
-            "max_length": distillation.max_length})):
-        start = time.perf_counter()
-        run_stage(teacher, TeacherConfig, {"output_dir": str(out / stage), "seed": config.seed,
-                                           "model": {"name_or_path": teacher_model}, "data": data,
-                                           "k": distillation.k}, out / stage / "manifest.json")
-        timings[f"teacher cache ({stage.removeprefix('cache-')})"] = time.perf_counter() - start
-    if distillation.student.init == "model":  # every method starts from the given student
-        student_init = distillation.student.name_or_path
-    else:
-        student_init = str(save_student_init(teacher_model, out / "student-init", distillation.student))
-    _release_accelerator_memory()  # the methods run in their own processes: leave them the whole device
-    return {"teacher": teacher_model, "cache_train": str(out / "cache-train"),
-            "cache_validation": str(out / "cache-validation"), "student_init": student_init, "timings_s": timings}
 
 
 def _release_accelerator_memory() -> None:
@@ -130,22 +86,28 @@ def _distillation(config: CompareConfig, out: Path, isolate: bool) -> tuple[dict
     if shared_path.exists():
         shared = json.loads(shared_path.read_text())
     else:
-        shared = _shared_distillation_stages(config, out)
+        shared = compare_distillation.shared_stages(config, out)
         atomic_write_json(shared_path, shared)
-    results = {}
-    methods_to_run = list(config.distillation.methods)
-    if "sft_temperature" in methods_to_run and "sft" not in methods_to_run:
-        methods_to_run.insert(methods_to_run.index("sft_temperature"), "sft")  # it scales sft's model
-    for name in methods_to_run:
-        inputs = {"sft_model": results["sft"]["model"]} if name == "sft_temperature" else {}
-        results[name] = run_method(out / name, methods.DISTILLATION[name], config, shared, str(out / name),
-                                   *inputs.values(), isolate=isolate)
-    return {name: results[name] for name in config.distillation.methods}, shared
+        _release_accelerator_memory()  # the methods run in their own processes: leave them the whole device
+    requested = config.distillation.methods
+    order = list(requested)
+    for name, needed in compare_distillation.DEPENDS_ON.items():
+        if name in order and needed not in order:
+            order.insert(order.index(name), needed)
+    results = {name: {} for name in order}
+    for seed in config.seeds:
+        for name in order:
+            directory = out / name / f"seed-{seed}"
+            inputs = [results[needed][seed]["model"]] if (needed := compare_distillation.DEPENDS_ON.get(name)) else []
+            results[name][seed] = run_method(directory, compare_distillation.METHODS[name], config, seed, shared,
+                                             str(directory), *inputs, isolate=isolate)
+    return {name: results[name] for name in requested}, shared
 
 
 def run(config: CompareConfig, isolate: bool = True) -> Path:
     """`isolate=False` runs every method in this process (tests of the orchestration only: memory is then shared)."""
-    _check_budget(config)
+    if config.train.steps is None:
+        raise UserError("compare: train.steps is required (every method gets the same number of optimizer steps)")
     out = Path(config.output_dir)
     resolved = dump_config(config)
     previous = out / "config.yaml"
@@ -155,14 +117,15 @@ def run(config: CompareConfig, isolate: bool = True) -> Path:
                         f"output_dir (or delete it)")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(previous, resolved)
+    started = time.perf_counter()
     if config.demo_data is not None:
-        config = demo_data.fill_compare_paths(config, demo_data.build(out / "data", demo_data.PRESETS[config.demo_data],
-                                                                      config.seed))
+        paths = demo_data.build(out / "data", demo_data.DATA_SIZES[config.demo_data], config.data_seed)
+        config = demo_data.fill_compare_paths(config, paths)
     results = {"mixture": None, "distillation": None, "shared": None}
     if config.mixture is not None:
         results["mixture"] = _mixture(config, out / "mixture", isolate)
     if config.distillation is not None:
         results["distillation"], results["shared"] = _distillation(config, out / "distillation", isolate)
-    report = write_report(out, config, results)
+    report = write_report(out, config, results, wall_s=time.perf_counter() - started)
     print(report)
     return out

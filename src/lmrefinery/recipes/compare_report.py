@@ -1,4 +1,5 @@
-"""`compare`'s outputs: results.json (every method's numbers), results.md (tables) and plots/compare-*.png."""
+"""`compare`'s outputs: results.json (per-seed rows, statistics, claims), results.md (tables with 95% CIs, the
+claims in plain words) and plots/compare-*.png (bars with CIs)."""
 
 from __future__ import annotations
 
@@ -7,85 +8,193 @@ from pathlib import Path
 
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.plots import bar_panels
+from lmrefinery.recipes.compare_statistics import claims, distillation_statistics, mixture_statistics
 
-# (column title, result key, format)
-MIXTURE_COLUMNS = [("test loss", "test_loss", ".4f"), ("exact match", "exact_match", ".3f"),
-                   ("token accuracy", "token_accuracy", ".3f"), ("token ECE", "token_ece", ".4f"),
-                   ("token Brier", "token_brier", ".4f"), ("SFT examples", "sft_examples", "d"),
-                   ("SFT steps", "sft_steps", "d"), ("SFT tokens", "sft_tokens", "d")]
-DISTILLATION_COLUMNS = [("accuracy", "accuracy", ".3f"), ("ECE", "ece", ".4f"), ("Brier", "brier", ".4f"),
-                        ("NLL", "nll", ".4f"), ("option accuracy", "option_accuracy", ".3f"),
-                        ("option ECE", "option_ece", ".4f")]
-COST_COLUMNS = [("wall time (s)", "wall_s", ".1f"), ("peak memory (GiB)", "peak_memory_gib", ".2f")]
-MIXTURE_PLOT = {"test loss ↓": "test_loss", "exact match ↑": "exact_match", "token ECE ↓": "token_ece"}
-DISTILLATION_PLOT = {"accuracy ↑": "accuracy", "ECE ↓": "ece", "Brier ↓": "brier"}
+TEST_NAMES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 
 
-def _cell(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _ci(estimate: dict, spec: str = ".4f") -> str:
+    if estimate is None or not math.isfinite(estimate["value"]):
         return "—"
-    return format(value, fmt)
+    text = f"{estimate['value']:{spec}}"
+    if math.isfinite(estimate["low"]):
+        text += f" [{estimate['low']:{spec}}, {estimate['high']:{spec}}]"
+    return text
 
 
-def _table(results: dict, columns: list) -> list[str]:
-    columns = columns + COST_COLUMNS
-    lines = ["| method | " + " | ".join(title for title, _, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for method, result in results.items():
-        row = result | {"peak_memory_gib": result["peak_memory_bytes"] / 2**30}
-        lines.append(f"| {method} | " + " | ".join(_cell(row.get(key), fmt) for _, key, fmt in columns) + " |")
+def _delta(estimate: dict | None, spec: str = "+.4f") -> str:
+    if estimate is None:
+        return "(reference)"
+    mark = " **\\***" if estimate["excludes_zero"] else ""
+    return f"{estimate['value']:{spec}} [{estimate['low']:{spec}}, {estimate['high']:{spec}}]{mark}"
+
+
+def _mean(rows: list[dict], key: str):
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _cost(rows: list[dict]) -> str:
+    wall, memory = _mean(rows, "wall_s"), _mean(rows, "peak_memory_bytes")
+    return f"{wall:.0f} | {memory / 2**30:.2f}"
+
+
+def _strip(result: dict) -> dict:
+    """A per-seed row for results.json: everything but the per-item arrays (they stay in each result.json)."""
+    if isinstance(result, dict):
+        return {k: _strip(v) for k, v in result.items() if k != "per_item"}
+    return result
+
+
+def _mixture_section(results: dict, statistics: dict, seeds: list) -> list[str]:
+    reference = statistics["reference"]
+    first = results[reference][seeds[0]]
+    has_exact = "exact_match" in first["per_item"]
+    head = "| method | test loss [95% CI] | Δ vs " + reference + " | " + (
+        "exact match | Δ exact match | " if has_exact else "") + "SFT examples | steps | tokens | wall (s) | peak GiB |"
+    lines = ["## Data mixture and selection", "",
+             f"Every method's SFT set holds at most {first['token_budget']} tokens (prompt + response) in whole batches; "
+             f"SFT makes one pass over it. Test loss is the mean over the {len(first['per_item']['test_loss'])} test "
+             f"examples of each example's token-mean loss; Δ is the paired difference to `{reference}` per (seed, "
+             f"test example), 95% CI by resampling test examples; **\\*** marks a CI that excludes 0.", "",
+             head, "|---|" + "---:|" * (head.count("|") - 2)]
+    for method, row in statistics["methods"].items():
+        rows = [results[method][seed] for seed in seeds]
+        difference = row.get("difference", {})
+        cells = [_ci(row["test_loss"]), _delta(difference.get("test_loss"))]
+        if has_exact:
+            cells += [_ci(row["exact_match"], ".3f"), _delta(difference.get("exact_match"), "+.3f")]
+        cells += [f"{_mean(rows, 'sft_examples'):.0f}", f"{_mean(rows, 'sft_steps'):.1f}",
+                  f"{_mean(rows, 'sft_tokens'):.0f}", _cost(rows)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if "scalebio_vs" in statistics and statistics["scalebio_vs"]:
+        lines += ["ScaleBiO against the selection baselines (paired, test loss): " + "; ".join(
+            f"vs {other} {_delta(values['test_loss'])}" for other, values in statistics["scalebio_vs"].items()) + ".",
+            ""]
+    if "weights" in statistics:
+        per_seed = statistics["weights"]["per_seed"]
+        names = list(next(iter(per_seed.values()))["weights"])
+        lines += ["Learned ScaleBiO weights and the shares of each source in the SFT set drawn from them (learned / "
+                  "realised), per seed:", "", "| source | " + " | ".join(f"seed {s}" for s in per_seed) + " |",
+                  "|---|" + "---:|" * len(per_seed)]
+        for name in names:
+            lines.append(f"| {name} | " + " | ".join(f"{row['weights'][name]:.3f} / {row['realised_shares'][name]:.3f}"
+                                                      for row in per_seed.values()) + " |")
+        lines.append("")
+    lines += ["Examples per source in each method's SFT set (seed " + str(seeds[0]) + "):", "",
+              "| method | " + " | ".join(first["examples_per_source"]) + " |",
+              "|---|" + "---:|" * len(first["examples_per_source"])]
+    for method in results:
+        counts = results[method][seeds[0]]["examples_per_source"]
+        lines.append(f"| {method} | " + " | ".join(str(counts[name]) for name in first["examples_per_source"]) + " |")
+    return lines + ["", "![mixture methods](plots/compare-mixture.png)", ""]
+
+
+def _distillation_section(results: dict, statistics: dict, shared: dict, seeds: list) -> list[str]:
+    reference = statistics["reference"]
+    lines = ["## Distillation", "",
+             "Accuracy, ECE (10 equal-width bins) and NLL use the top-1 next token over the full vocabulary and its "
+             "probability (the paper's definition). Δ is the paired difference to `" + reference + "` per (seed, "
+             "item) — for ECE the metric is recomputed on each resample of the items; **\\*** marks a CI that "
+             "excludes 0. The teacher and the untrained student are scored once.", ""]
+    calibration = shared["calibration_summary"]
+    lines += [f"FIRST's calibration (shared by `first` and `first_other`): {calibration['transform']}, c = "
+              f"{calibration['temperature']:g}, fitted on the validation items' {calibration['positions']} positions "
+              f"(ECE {calibration['ece_before']:.4f} as is → {calibration['ece_after']:.4f})"
+              + ("." if calibration["improves"] else "; no c improved on the teacher as it is, so FIRST distils "
+                                                      "from the unchanged teacher."), ""]
+    for test, section in statistics["tests"].items():
+        lines += [f"### {TEST_NAMES.get(test, test)} test ({len(next(iter(results.values()))[seeds[0]]['tests'][test]['per_item']['correct'])} items)",
+                  "", "| model | accuracy [95% CI] | Δ accuracy | ECE [95% CI] | Δ ECE | NLL | Δ NLL | student top-k "
+                  "mass | wall (s) | peak GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, row in section["fixed"].items():
+            lines.append(f"| {name.replace('_', ' ')} | {_ci(row['accuracy'], '.3f')} | | {_ci(row['ece'])} | | "
+                         f"{_ci(row['nll'], '.3f')} | | | | |")
+        for method, row in section["methods"].items():
+            rows = [results[method][seed] for seed in seeds]
+            difference = row.get("difference", {})
+            mass = _mean(rows, "student_topk_mass")
+            lines.append(f"| {method} | {_ci(row['accuracy'], '.3f')} | {_delta(difference.get('accuracy'), '+.3f')} "
+                         f"| {_ci(row['ece'])} | {_delta(difference.get('ece'))} | {_ci(row['nll'], '.3f')} | "
+                         f"{_delta(difference.get('nll'), '+.3f')} | {'—' if mass is None else f'{mass:.3f}'} | "
+                         f"{_cost(rows)} |")
+        recalibration = section["teacher_recalibration"]
+        lines += ["", f"Teacher re-calibration at the answer positions of this test (c fitted on the validation "
+                      f"items): ECE {_ci(recalibration['ece_before'])} as is → {_ci(recalibration['ece_after'])} "
+                      f"after; change {_delta(recalibration['difference'])}.", ""]
+    timings = shared["timings_s"]
+    lines += ["Shared stages (run once, in no method's wall time): "
+              + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items()) + ".", "",
+              "![distillation methods](plots/compare-distillation.png)", ""]
     return lines
 
 
-def _selection_table(results: dict) -> list[str]:
-    sources = next(iter(results.values()))["examples_per_source"]
-    lines = ["| method | " + " | ".join(sources) + " |", "|---|" + "---:|" * len(sources)]
-    for method, result in results.items():
-        lines.append(f"| {method} | " + " | ".join(str(result["examples_per_source"].get(s, 0)) for s in sources)
-                     + " |")
-    return lines
+def _claims_section(found: list[dict]) -> list[str]:
+    lines = ["## The papers' claims on this run", ""]
+    for claim in found:
+        verdict = "**held**" if claim["held"] else "**did not hold**"
+        evidence = claim["evidence"]
+        if isinstance(evidence, dict) and "value" in evidence:
+            detail = f"difference {_delta(evidence)}"
+        elif isinstance(evidence, dict) and "ece_difference" in evidence:
+            detail = (f"Δ ECE {_delta(evidence['ece_difference'])}, Δ accuracy "
+                      f"{_delta(evidence['accuracy_difference'], '+.3f')}")
+        else:
+            detail = "margin (lowest clean − highest noisy weight) per seed: " + ", ".join(
+                f"{seed}: {margin:+.4f}" for seed, margin in evidence.items())
+        lines.append(f"- ({claim['claim']}) {claim['text']}: {verdict} — {detail}.")
+    return lines + [""]
 
 
-def _plot(path: Path, results: dict, panels: dict, title: str) -> None:
-    bar_panels(path, list(results), {label: [float(r.get(key) if r.get(key) is not None else math.nan)
-                                             for r in results.values()] for label, key in panels.items()}, title)
+def _plots(out: Path, mixture: dict | None, distillation: dict | None) -> None:
+    triple = lambda e: (e["value"], e["low"], e["high"])  # noqa: E731
+    if mixture:
+        methods = list(mixture["methods"])
+        panels = {"test loss ↓": [triple(row["test_loss"]) for row in mixture["methods"].values()]}
+        if "exact_match" in mixture["methods"][methods[0]]:
+            panels["exact match ↑"] = [triple(row["exact_match"]) for row in mixture["methods"].values()]
+        bar_panels(out / "plots" / "compare-mixture.png", methods, panels, "Data mixture / selection (95% CI)")
+    if distillation:
+        panels = {}
+        for test, section in distillation["tests"].items():
+            label = TEST_NAMES.get(test, test)
+            panels[f"accuracy ↑ ({label})"] = [triple(row["accuracy"]) for row in section["methods"].values()]
+            panels[f"ECE ↓ ({label})"] = [triple(row["ece"]) for row in section["methods"].values()]
+        methods = list(next(iter(distillation["tests"].values()))["methods"])
+        bar_panels(out / "plots" / "compare-distillation.png", methods, panels, "Distillation (95% CI)")
 
 
-def write_report(out: Path, config, results: dict) -> str:
+def write_report(out: Path, config, results: dict, wall_s: float) -> str:
+    seeds = list(config.seeds)
+    mixture = distillation = None
+    if results["mixture"]:
+        mixture = mixture_statistics(results["mixture"], seeds, config.mixture.noisy_sources)
+    if results["distillation"]:
+        distillation = distillation_statistics(results["distillation"], results["shared"], seeds,
+                                               config.distillation.n_bins)
+    found = claims(mixture, distillation)
     budget = config.train
     title = config.model.name_or_path if config.model is not None else config.distillation.teacher.name_or_path
     lines = [f"# lmrefinery compare — {title}", "",
-             f"Every method: seed {config.seed}, batch {budget.batch_size}, lr {budget.lr:g} ({budget.schedule}). "
-             "Wall time and peak memory are each method's own process (peak memory: resident set on CPU, allocated "
-             "memory on a GPU).", ""]
-    if results["mixture"]:
-        mixture = results["mixture"]
-        budget_tokens = next(iter(mixture.values()))["token_budget"]
-        lines += ["## Data mixture and selection", "",
-                  f"Every method's SFT set holds at most {budget_tokens} tokens (prompt + response), in whole batches "
-                  f"of {budget.batch_size}; SFT makes one pass over it (so the steps differ with example lengths).", "",
-                  *_table(mixture, MIXTURE_COLUMNS), "",
-                  "Examples per source in each method's SFT set:", "", *_selection_table(mixture), "",
-                  "![mixture methods](plots/compare-mixture.png)", ""]
-        _plot(out / "plots" / "compare-mixture.png", mixture, MIXTURE_PLOT, "Data mixture / selection")
-    if results["distillation"]:
-        distillation = results["distillation"]
-        lines += ["## Distillation", "",
-                  f"Every student: the same init, the same data, {budget.steps} optimizer steps.", "",
-                  *_table(distillation, DISTILLATION_COLUMNS), "",
-                  "Accuracy, ECE, Brier and NLL are the full-vocabulary view (the top-1 next token must be the gold "
-                  "letter); the option columns renormalise over the option letters.", ""]
-        if distillation.get("sft_temperature", {}).get("reuses_sft_model"):
-            lines += ["sft_temperature reuses the sft method's model: its wall time is the temperature fit and the "
-                      "evaluation only.", ""]
-        shared = results["shared"]["timings_s"]
-        if shared:
-            lines += ["Shared stages (run once, not in any method's wall time): "
-                      + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in shared.items()) + ".", ""]
-        lines += ["![distillation methods](plots/compare-distillation.png)", ""]
-        _plot(out / "plots" / "compare-distillation.png", distillation, DISTILLATION_PLOT, "Distillation")
+             f"Seeds {seeds} (every method once per seed), batch {budget.batch_size}, lr {budget.lr:g} "
+             f"({budget.schedule}), {budget.steps} steps for every student. Wall time and peak memory are each "
+             "method's own process (mean over seeds; peak memory: resident set on CPU, allocated memory on a GPU). "
+             f"This invocation took {wall_s:.0f} s (finished methods are read back, not rerun).", ""]
+    if found:
+        lines += _claims_section(found)
+    if mixture:
+        lines += _mixture_section(results["mixture"], mixture, seeds)
+    if distillation:
+        lines += _distillation_section(results["distillation"], distillation, results["shared"], seeds)
+    _plots(out, mixture, distillation)
     text = "\n".join(lines)
     atomic_write_text(out / "results.md", text)
-    atomic_write_json(out / "results.json", {"model": title, "seed": config.seed,
-                                             "budget": budget.model_dump(mode="json"), **results})
+    atomic_write_json(out / "results.json", {
+        "model": title, "seeds": seeds, "budget": budget.model_dump(mode="json"), "claims": found,
+        "statistics": {"mixture": mixture, "distillation": distillation},
+        "per_seed": {section: {method: {str(seed): _strip(row) for seed, row in rows.items()}
+                               for method, rows in (results[section] or {}).items()}
+                     for section in ("mixture", "distillation")},
+        "shared": _strip(results["shared"])})
     return text

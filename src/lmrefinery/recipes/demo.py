@@ -1,120 +1,67 @@
 """`lmrefinery demo`: both papers' stories on a real small LLM and real task data, on a laptop CPU.
 
-ScaleBiO   data → reweight (learn source weights against a validation set of the target family) → mix (an SFT set
-           with the learned weights, and one with uniform weights, same size) → sft on each → evaluate both on the
-           target's test split (loss, and exact-match accuracy scored by reasoning-gym).
-FIRST      sft a teacher on multiple-choice items → teacher cache (train and held-out items) → calibrate →
-           distill a keep-layers student from the re-calibrated cache, and sft the same student init as the
-           baseline → evaluate teacher and both students (accuracy, ECE, reliability diagrams).
-Each stage is skipped when its output is complete and resumed when it was interrupted; the report (report.md,
-report.html, summary.json) states what was measured, including when the learned mix does not win.
+The demo is `compare` at a small size, with the design of the evidence run (configs/compare-evidence.yaml):
+ScaleBiO   reweight against a validation set of the target family → SFT on the learned mix vs the uniform mix under
+           one token budget → the target's test loss and exact match, the paired difference with its 95% CI.
+FIRST      fine-tune a teacher on multiple-choice items → cache its top-k → calibrate on held-out answer positions →
+           distil the pretrained model from the re-calibrated cache, vs plain SFT of the same model → accuracy and
+           ECE on in-domain and out-of-domain items, paired differences with their 95% CIs.
+Every stage is skipped when its output is complete; the report (report.md, report.html, summary.json) says which
+differences are significant at this size.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
-from lmrefinery.config import (CalibrateConfig, DemoConfig, DistillConfig, MixConfig, ReweightConfig, SFTConfig,
-                               StudentConfig, TeacherConfig)
-from lmrefinery.recipes import calibrate, distill, mix, reweight, sft, teacher
-from lmrefinery.recipes import demo_data
+from lmrefinery.config import CompareConfig, DemoConfig, validate_config
+from lmrefinery.recipes import compare
 from lmrefinery.recipes.demo_report import write_report
-from lmrefinery.recipes.stages import evaluate_answers, evaluate_mcq, run_stage, save_student_init
 
-log = logging.getLogger(__name__)
-
-def _sources(paths: dict) -> list[dict]:
-    return [{"name": name, "path": str(path)} for name, path in paths.items()]
-
-
-def scalebio_story(out: Path, paths: dict, preset: dict, model: str, seed: int) -> dict:
-    data = {"sources": _sources(paths["sources"]), "max_length": preset["max_length"]}
-    run = out / "reweight"
-    run_stage(reweight, ReweightConfig, {
-        "output_dir": str(run), "seed": seed, "model": {"name_or_path": model}, "data": data,
-        "validation": {"sources": [{"name": "target", "path": str(paths["validation"])}]},
-        # α = 10 and a larger step for u and w than the paper's 1e-5: in a handful of steps the two copies must
-        # drift apart enough for their per-source losses to tell the sources apart.
-        "scalebio": {"alpha": 10, "lr_lower": 5e-5, "lr_upper": 5e-5, "lr_weights": preset["lr_weights"]},
-        "train": {"steps": preset["reweight_steps"], "batch_size": preset["reweight_batch"],
-                  "val_batch_size": preset["val_batch"], "micro_batch_size": 4, "warmup_ratio": 0.0,
-                  "schedule": "constant", "checkpoint_every": None},
-        "lisa": {"enabled": True, "layers": 2, "interval": 2}}, run / "weights.json", run)
-    learned = json.loads((run / "weights.json").read_text())["weights"]
-    uniform = {name: 1.0 for name in learned}
-    results = {"weights": learned}
-    for label, weights in (("learned", learned), ("uniform", uniform)):
-        mix_dir = out / f"mix-{label}"
-        run_stage(mix, MixConfig, {"output_dir": str(mix_dir), "sources": data["sources"], "weights": weights,
-                                   "num_examples": preset["mix_examples"], "seed": seed}, mix_dir / "manifest.json")
-        sft_dir = out / f"sft-{label}"
-        run_stage(sft, SFTConfig, {
-            "output_dir": str(sft_dir), "seed": seed, "model": {"name_or_path": model},
-            "data": {"sources": [{"name": "mix", "path": str(mix_dir / "mix.jsonl")}],
-                     "max_length": preset["max_length"]},
-            "train": {"steps": preset["sft_steps"], "batch_size": preset["batch"], "micro_batch_size": 4, "lr": 1e-4,
-                      "warmup_steps": 0, "checkpoint_every": preset["sft_steps"]}}, sft_dir / "summary.json", sft_dir)
-        results[label] = _evaluate_target(out / f"eval-{label}", sft_dir / "model", paths, preset)
-    results["base"] = _evaluate_target(out / "eval-base", model, paths, preset)
-    return results
+# The quick preset is sized for ≤ 3 minutes on 2 CPU cores (it shows the pipeline, not the effects); the default
+# one for ≤ 15 minutes from a fresh clone, install included.
+PRESETS = {
+    "quick": {"data": "quick", "max_length": 128, "seeds": [0],
+              "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-4},
+              "mixture_examples": 16, "reweight_steps": 3, "lr_weights": 0.2, "teacher_steps": 4,
+              "teacher_lr": 2e-4},
+    "default": {"data": "default", "max_length": 192, "seeds": [0],
+                "train": {"steps": 12, "batch_size": 8, "micro_batch_size": 8, "lr": 1e-4},
+                "mixture_examples": 64, "reweight_steps": 12, "lr_weights": 0.15, "teacher_steps": 40,
+                "teacher_lr": 2e-4},
+}
 
 
-def _evaluate_target(directory: Path, model, paths: dict, preset: dict) -> dict:
-    return evaluate_answers(directory, model, [{"name": "target_test", "path": str(paths["test"])}],
-                            preset["max_length"])
-
-
-def first_story(out: Path, paths: dict, preset: dict, model: str, seed: int) -> dict:
-    mcq = paths["mcq"]
-    length = preset["max_length"] + 96  # multiple-choice prompts are longer
-    train_data = {"sources": [{"name": "mcq", "path": str(mcq["train_conversations"])}], "max_length": length}
-    teacher_dir = out / "teacher-sft"
-    run_stage(sft, SFTConfig, {
-        "output_dir": str(teacher_dir), "seed": seed, "model": {"name_or_path": model}, "data": train_data,
-        "train": {"steps": preset["teacher_steps"], "batch_size": preset["batch"], "micro_batch_size": 4, "lr": 1e-4,
-                  "warmup_steps": 0, "checkpoint_every": preset["teacher_steps"]}},
-        teacher_dir / "summary.json", teacher_dir)
-    teacher_model = {"name_or_path": str(teacher_dir / "model")}
-    for name, source in (("cache", train_data), ("cache-heldout", {
-            "sources": [{"name": "heldout", "path": str(mcq["heldout_conversations"])}], "max_length": length})):
-        run_stage(teacher, TeacherConfig, {"output_dir": str(out / name), "model": teacher_model, "data": source,
-                                           "k": 5}, out / name / "manifest.json")
-    run_stage(calibrate, CalibrateConfig, {"output_dir": str(out / "calibrate"),
-                                           "cache": str(out / "cache-heldout")}, out / "calibrate" / "calibration.json")
-    common_train = {"steps": preset["distill_steps"], "batch_size": preset["batch"], "micro_batch_size": 4, "lr": 2e-4,
-                    "warmup_steps": 0, "checkpoint_every": preset["distill_steps"]}
-    student = {"init": "keep-layers", "keep_every": preset["keep_every"]}
-    first_dir = out / "student-first"
-    run_stage(distill, DistillConfig, {
-        "output_dir": str(first_dir), "seed": seed, "cache": str(out / "cache"), "student": student,
-        "loss": {"teacher_transform": "prob_temperature",
-                 "calibration": str(out / "calibrate" / "calibration.json")},
-        "train": common_train}, first_dir / "summary.json", first_dir)
-    # The fine-tuning baseline: the same student init trained on the gold answers (linear transform at c = 1 on a
-    # one-hot target is exactly cross-entropy, so use sft on a saved copy of the init).
-    init_dir = save_student_init(teacher_dir / "model", out / "student-init",
-                                 StudentConfig(keep_every=preset["keep_every"]))
-    sft_student = out / "student-sft"
-    run_stage(sft, SFTConfig, {"output_dir": str(sft_student), "seed": seed,
-                               "model": {"name_or_path": str(init_dir)}, "data": train_data, "train": common_train},
-              sft_student / "summary.json", sft_student)
-    results = {"calibration": json.loads((out / "calibrate" / "calibration.json").read_text())}
-    for label, model_dir in (("teacher", teacher_dir / "model"), ("student_sft", sft_student / "model"),
-                             ("student_first", first_dir / "model")):
-        results[label] = evaluate_mcq(out / f"eval-mcq-{label}", model_dir, mcq["test"])
-    return results
+def compare_tree(config: DemoConfig) -> dict:
+    """The comparison the demo runs: ScaleBiO vs the uniform mix, FIRST vs SFT, on the demo's data."""
+    preset = PRESETS[config.preset]
+    max_length = config.max_length or preset["max_length"]
+    return {
+        "output_dir": config.output_dir, "seeds": [config.seed + s for s in preset["seeds"]], "data_seed": config.seed,
+        "demo_data": preset["data"], "model": {"name_or_path": config.model},
+        "train": preset["train"] | {"warmup_steps": 0}, "eval_batch_size": 16,
+        "mixture": {
+            "methods": ["uniform", "scalebio"], "max_length": max_length, "max_new_tokens": 8,
+            "num_examples": preset["mixture_examples"],
+            "reweight": {
+                # α = 10 and a larger step for u and w than the paper's 1e-5: in a handful of steps the two copies
+                # must drift apart enough for their per-source losses to tell the sources apart.
+                "scalebio": {"alpha": 10, "lr_lower": 5e-5, "lr_upper": 5e-5, "lr_weights": preset["lr_weights"]},
+                "train": {"steps": preset["reweight_steps"], "batch_size": 8, "val_batch_size": 4,
+                          "micro_batch_size": 4, "warmup_ratio": 0.0, "schedule": "constant"},
+                "lisa": {"enabled": True, "layers": 2, "interval": 2}}},
+        "distillation": {
+            "methods": ["sft", "first"], "max_length": max_length + 96,
+            "teacher": {"name_or_path": config.model, "finetune_steps": preset["teacher_steps"],
+                        "finetune_lr": preset["teacher_lr"]},
+            "student": {"init": "model", "name_or_path": config.model}}}
 
 
 def run(config: DemoConfig) -> Path:
-    preset = dict(demo_data.PRESETS[config.preset])
-    if config.max_length is not None:
-        preset["max_length"] = config.max_length
-    out = Path(config.output_dir)
-    paths = demo_data.build(out / "data", preset, config.seed)
-    scalebio_results = scalebio_story(out / "scalebio", paths, preset, config.model, config.seed)
-    first_results = first_story(out / "first", paths, preset, config.model, config.seed)
-    report = write_report(out, config, preset, paths, scalebio_results, first_results)
+    comparison = validate_config(CompareConfig, compare_tree(config), "demo preset")
+    out = compare.run(comparison)
+    results = json.loads((out / "results.json").read_text())
+    report = write_report(out, config, results)
     print(report["console"])
     return out

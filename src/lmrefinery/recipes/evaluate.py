@@ -32,7 +32,11 @@ def _loss(config: LossEvaluateConfig, env, output_dir: Path) -> dict:
     result = evaluate_loss(model, pool, env, config.batch_size, config.model.precision, tokenizer.pad_token_id,
                            progress, config.n_bins)
     progress.close()
+    per_example = result.pop("per_example")
     if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "items.jsonl", "".join(
+            json.dumps(row | {"loss": row["loss_sum"] / max(row["tokens"], 1)}) + "\n" for row in per_example))
         print(json.dumps({"overall": result["overall"],
                           "per_source": {k: v["loss"] for k, v in result["per_source"].items()}}, indent=2))
     return {"task": "loss", "model": config.model.name_or_path, "sources": pool.names, **result}

@@ -9,11 +9,14 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
+
 from lmrefinery.config import EvaluateConfig, ModelConfig, StudentConfig, validate_config
 from lmrefinery.distill.student import every_nth, keep_layers
 from lmrefinery.fileio import atomic_directory
 from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
 from lmrefinery.recipes import evaluate
+from lmrefinery.train.distributed import DistEnv, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +40,21 @@ def run_stage(recipe, config_class, tree: dict, done: Path, resume_from: Path | 
         shutil.rmtree(resume_from / "checkpoints", ignore_errors=True)
 
 
+def _items(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def evaluate_answers(directory: Path, model: str | Path, test_sources: list[dict], max_length: int,
-                     exact_match: bool = True, max_new_tokens: int = 12, precision: str = "fp32",
+                     exact_match: bool = True, max_new_tokens: int = 12, precision: str = "auto",
                      batch_size: int = 8) -> dict:
-    """Held-out loss (with token-level calibration) and, optionally, exact-match accuracy of greedy answers."""
+    """Held-out loss (with token-level calibration) and, optionally, exact-match accuracy of greedy answers; with
+    `per_item` (in test-set order): each example's own token-mean loss and its exact-match score."""
     common = {"model": {"name_or_path": str(model), "precision": precision}, "batch_size": batch_size}
     run_stage(evaluate, EvaluateConfig, {"output_dir": str(directory / "loss"), "task": "loss", **common,
                                          "data": {"sources": test_sources, "max_length": max_length}},
               directory / "loss" / "eval.json")
     loss = json.loads((directory / "loss" / "eval.json").read_text())["overall"]
+    per_item = {"test_loss": [row["loss"] for row in _items(directory / "loss" / "items.jsonl")]}
     result = {"test_loss": loss["loss"], "token_accuracy": loss["token_accuracy"], "token_ece": loss["token_ece"],
               "token_brier": loss["token_brier"]}
     if exact_match:
@@ -55,16 +64,42 @@ def evaluate_answers(directory: Path, model: str | Path, test_sources: list[dict
                   directory / "exact" / "eval.json")
         exact = json.loads((directory / "exact" / "eval.json").read_text())["overall"]
         result.update(exact_match=exact["accuracy"], mean_score=exact["mean_score"])
+        per_item["exact_match"] = [float(row["score"] == 1.0) for row in _items(directory / "exact" / "items.jsonl")]
+    return result | {"per_item": per_item}
+
+
+MCQ_ITEM_KEYS = ("correct", "confidence", "gold_probability", "option_correct", "option_confidence")
+
+
+def evaluate_mcq(directory: Path, model: str | Path, item_files: dict[str, str | Path], n_bins: int = 10,
+                 temperature: float = 1.0, precision: str = "auto", batch_size: int = 8) -> dict:
+    """Multiple-choice accuracy and calibration per named item file (e.g. in-domain and out-of-domain), each with
+    `per_item` values (in file order) for the statistics."""
+    run_stage(evaluate, EvaluateConfig, {
+        "output_dir": str(directory), "task": "mcq", "model": {"name_or_path": str(model), "precision": precision},
+        "data": {"sources": [{"name": name, "path": str(path)} for name, path in item_files.items()]},
+        "batch_size": batch_size, "n_bins": n_bins, "temperature": temperature}, directory / "eval.json")
+    report = json.loads((directory / "eval.json").read_text())
+    rows = _items(directory / "items.jsonl")
+    result = {}
+    for name in item_files:
+        metrics = report["per_source"][name]
+        mine = [row for row in rows if row["source"] == name]
+        result[name] = {"accuracy": metrics["full_vocabulary"]["accuracy"], "ece": metrics["full_vocabulary"]["ece"],
+                        "brier": metrics["full_vocabulary"]["brier"], "nll": metrics["full_vocabulary"]["nll"],
+                        "option_accuracy": metrics["options"]["accuracy"], "option_ece": metrics["options"]["ece"],
+                        "format_misses": metrics["format_misses"],
+                        "per_item": {key: [float(row[key]) for row in mine] for key in MCQ_ITEM_KEYS}}
     return result
 
 
-def evaluate_mcq(directory: Path, model: str | Path, items: str | Path, n_bins: int = 10,
-                 temperature: float = 1.0, precision: str = "fp32", batch_size: int = 8) -> dict:
-    run_stage(evaluate, EvaluateConfig, {
-        "output_dir": str(directory), "task": "mcq", "model": {"name_or_path": str(model), "precision": precision},
-        "data": {"sources": [{"name": "mcq_test", "path": str(items)}]}, "batch_size": batch_size,
-        "n_bins": n_bins, "temperature": temperature}, directory / "eval.json")
-    return json.loads((directory / "eval.json").read_text())["overall"]
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def progress(total: int, description: str):
+    """A progress bar for a single-process stage."""
+    return progress_bar(DistEnv(), total, description)
 
 
 def save_student_init(teacher_dir: str | Path, target: Path, student: StudentConfig) -> Path:

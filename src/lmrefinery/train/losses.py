@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,14 +14,9 @@ from torch import nn
 from lmrefinery.data.collate import Batch
 from lmrefinery.data.tokenize import IGNORE_INDEX
 from lmrefinery.errors import TrainingDiverged
+from lmrefinery.models.head import logits_at
 from lmrefinery.train.distributed import DistEnv, all_reduce_sum, gradient_sum_factor
 from lmrefinery.train.precision import autocast
-
-
-def causal_logits(model: nn.Module, batch: Batch, precision: str) -> torch.Tensor:
-    """Next-token logits at every position, [B, T, V]."""
-    with autocast(precision, batch.input_ids.device):
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
 
 @dataclass
@@ -47,10 +43,13 @@ def example_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(model: nn.Module, batch: Batch, precision: str) -> ResponseLogits:
-    logits = causal_logits(model, batch, precision)
+    """Logits only where the next token is supervised (the LM head is applied there only: models/head.py)."""
     targets = batch.labels[:, 1:]
-    mask = (targets != IGNORE_INDEX).to(logits.device)
-    return ResponseLogits(logits[:, :-1][mask], targets.to(logits.device)[mask], mask)
+    mask = targets != IGNORE_INDEX
+    positions = F.pad(mask, (0, 1), value=False)  # position t predicts token t + 1
+    with autocast(precision, batch.input_ids.device):
+        logits = logits_at(model, positions, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return ResponseLogits(logits, targets.to(logits.device)[mask.to(targets.device)], mask.to(logits.device))
 
 
 def cross_entropy_sums(response: ResponseLogits, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +84,16 @@ def global_token_counts(micro_batches: list[Batch], env: DistEnv, device: torch.
     return int(supervised), int(inputs), int(examples)
 
 
-LossSumsFn = Callable[[nn.Module, Batch, str], tuple[torch.Tensor, torch.Tensor]]
+# (model, batch, precision) → per-example loss sums [B], supervised token counts [B] and, optionally, a third item:
+# {name: sum over the batch's supervised positions} of diagnostics (reported per token, e.g. the student's top-k mass)
+LossSumsFn = Callable[[nn.Module, Batch, str], tuple]
+
+
+class Accumulated(NamedTuple):
+    loss: float              # the global normalised loss
+    supervised_tokens: int
+    input_tokens: int
+    stats: dict[str, float]  # diagnostics, per supervised token over the global batch
 
 
 @dataclass
@@ -94,6 +102,7 @@ class StepResult:
     grad_norm: float
     supervised_tokens: int
     input_tokens: int
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 def _set_gradient_sync(model: nn.Module, enabled: bool) -> None:
@@ -105,12 +114,13 @@ def _set_gradient_sync(model: nn.Module, enabled: bool) -> None:
 
 def accumulate_token_mean_gradients(model: nn.Module, micro_batches: list[Batch], env: DistEnv, precision: str,
                                     loss_sums_fn: LossSumsFn = example_loss_sums,
-                                    normalize_by: str = "tokens") -> tuple[float, int, int]:
+                                    normalize_by: str = "tokens") -> Accumulated:
     """Backward of (sum of token losses over the global batch) / (supervised tokens in the global batch).
 
     Normalising by the global count, not per micro-batch, makes the gradient independent of how the global batch is
     split into micro-batches and ranks. `normalize_by="examples"` divides by the global number of examples instead
-    (a per-sequence sum). Returns the global normalised loss and the global token counts.
+    (a per-sequence sum). Returns the global normalised loss, the global token counts and the loss function's
+    diagnostics averaged over the global batch's supervised tokens.
     """
     if normalize_by not in ("tokens", "examples"):
         raise ValueError(f"normalize_by must be 'tokens' or 'examples', got {normalize_by!r}")
@@ -119,12 +129,17 @@ def accumulate_token_mean_gradients(model: nn.Module, micro_batches: list[Batch]
     normaliser = max(total_tokens if normalize_by == "tokens" else examples, 1)
     scale = gradient_sum_factor(env) / normaliser
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    stat_sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
         _set_gradient_sync(model, index == len(micro_batches) - 1)
-        sums, _ = loss_sums_fn(model, batch, precision)
+        sums, _, *extra = loss_sums_fn(model, batch, precision)
         (sums.sum() * scale).backward()
         loss_sum += sums.detach().sum().double()
-    return float(all_reduce_sum(loss_sum, env).item()) / normaliser, total_tokens, input_tokens
+        for name, value in (extra[0] if extra else {}).items():
+            stat_sums[name] = stat_sums.get(name, 0.0) + value.detach().double().to(device)
+    totals = all_reduce_sum(torch.stack([loss_sum, *stat_sums.values()]), env).tolist()
+    stats = {name: value / max(total_tokens, 1) for name, value in zip(stat_sums, totals[1:])}
+    return Accumulated(totals[0] / normaliser, total_tokens, input_tokens, stats)
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
@@ -143,8 +158,8 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[B
                    normalize_by: str = "tokens") -> StepResult:
     """One optimizer step; raises TrainingDiverged (before touching the weights) on a NaN/inf loss or gradient."""
     optimizer.zero_grad(set_to_none=True)
-    loss, tokens, input_tokens = accumulate_token_mean_gradients(model, micro_batches, env, precision, loss_sums_fn,
-                                                                 normalize_by)
+    loss, tokens, input_tokens, stats = accumulate_token_mean_gradients(model, micro_batches, env, precision,
+                                                                        loss_sums_fn, normalize_by)
     grad_norm = clip_gradients(model, max_grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -152,4 +167,4 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[B
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepResult(loss, grad_norm, tokens, input_tokens)
+    return StepResult(loss, grad_norm, tokens, input_tokens, stats)

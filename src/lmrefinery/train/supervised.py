@@ -26,5 +26,5 @@ def supervised_step_fn(model: nn.Module, optimizer, scheduler, sampler: MixtureS
                                 loss_sums_fn, normalize_by)
         return {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                 "supervised_tokens": result.supervised_tokens, "input_tokens": result.input_tokens,
-                "source_counts": pool.counts(global_batch)}
+                **result.stats, "source_counts": pool.counts(global_batch)}
     return step

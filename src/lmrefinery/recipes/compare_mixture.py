@@ -1,0 +1,193 @@
+"""`compare`'s data-mixture and selection methods. Each runs, for one seed, in its own process: it builds an SFT set
+under the shared token budget from the pool, fine-tunes the base model on it (one pass) and scores the target's test
+set, returning aggregate metrics and the per-item values the statistics need."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from lmrefinery.baselines.less import CountSketch, cosine_to_mean, gradient_features, last_block_parameters
+from lmrefinery.baselines.mixture import fill_budget, mixture_within_budget, rank_by_score, realised_shares
+from lmrefinery.baselines.rho import example_losses, excess_loss
+from lmrefinery.config import CompareConfig, DataConfig, ReweightConfig, SFTConfig
+from lmrefinery.data.sources import read_conversations
+from lmrefinery.fileio import atomic_write_text
+from lmrefinery.models import load_model
+from lmrefinery.recipes import reweight, sft
+from lmrefinery.recipes.common import load_data
+from lmrefinery.recipes.stages import device, evaluate_answers, progress, run_stage
+
+
+def _sources(sources) -> list[dict]:
+    return [s.model_dump() for s in sources]
+
+
+def _train(config: CompareConfig, **changes) -> dict:
+    return config.train.model_dump(mode="json") | {"checkpoint_every": config.train.checkpoint_every
+                                                   or config.train.steps} | changes
+
+
+def token_budget(config: CompareConfig, pool) -> int:
+    """Tokens every method's SFT set may hold: `mixture.token_budget`, else N examples of the pool's mean length
+    (N = num_examples, default train.steps × train.batch_size)."""
+    if config.mixture.token_budget is not None:
+        return config.mixture.token_budget
+    mean_length = sum(len(e.input_ids) for e in pool.examples) / len(pool.examples)
+    return round((config.mixture.num_examples or config.train.steps * config.train.batch_size) * mean_length)
+
+
+def _pools(config: CompareConfig):
+    mixture = config.mixture
+    data = DataConfig(sources=mixture.sources, max_length=mixture.max_length)
+    tokenizer, pool, extras = load_data(config.model, data, {"validation": mixture.validation})
+    return tokenizer, pool, extras["validation"]
+
+
+def _pool_records(config: CompareConfig, pool) -> list[dict]:
+    """Each pool example's record as a conversation tagged with its source (the form `mix` writes and SFT reads)."""
+    conversations = {s.name: read_conversations(s) for s in config.mixture.sources}
+    return [{**conversations[pool.names[e.source_id]][e.record], "source": pool.names[e.source_id]}
+            for e in pool.examples]
+
+
+def _sft_on(config: CompareConfig, seed: int, directory: Path, pool, chosen: list[int],
+            extra: dict | None = None) -> dict:
+    """The shared budget: one pass of SFT of the base model over the chosen pool examples (each example's record,
+    tagged with its source), then the target's test metrics, per item and aggregated."""
+    mixture = config.mixture
+    records = _pool_records(config, pool)
+    data_path = directory / "selected.jsonl"
+    atomic_write_text(data_path, "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in chosen))
+    steps = len(chosen) // config.train.batch_size
+    run_dir = directory / "sft"
+    run_stage(sft, SFTConfig, {
+        "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
+        "data": {"sources": [{"name": "selected", "path": str(data_path)}], "max_length": mixture.max_length},
+        "train": _train(config, steps=steps, checkpoint_every=steps)}, run_dir / "summary.json", run_dir)
+    metrics = evaluate_answers(directory / "eval", run_dir / "model", _sources(mixture.test), mixture.max_length,
+                               mixture.exact_match, mixture.max_new_tokens, config.model.precision,
+                               config.eval_batch_size)
+    counts = pool.counts(chosen)
+    sources = [pool.examples[i].source_id for i in chosen]
+    return metrics | {"sft_examples": len(chosen), "sft_steps": steps, "examples_per_source": counts,
+                      "realised_shares": realised_shares(sources, pool.names),
+                      "unique_examples": len(set(chosen)), "token_budget": token_budget(config, pool),
+                      "sft_tokens": sum(len(pool.examples[i].input_ids) for i in chosen)} | (extra or {})
+
+
+def _mix_and_sft(config: CompareConfig, seed: int, directory: Path, weights: dict[str, float]) -> dict:
+    """A weighted mixture that fills the token budget, drawn as `mix` draws (each source without replacement until
+    it runs out, then with replacement), so the realised shares follow the weights; then SFT on it."""
+    pool = _pools(config)[1]
+    per_source = pool.source_indices()
+    total = sum(weights[name] for name in pool.names)
+    probabilities = [weights[name] / total for name in pool.names]
+    drawn = mixture_within_budget([len(indices) for indices in per_source], probabilities,
+                                  lambda source, index: len(pool.examples[per_source[source][index]].input_ids),
+                                  token_budget(config, pool), config.train.batch_size, seed)
+    return _sft_on(config, seed, directory, pool, [per_source[source][index] for source, index in drawn],
+                   {"weights": dict(zip(pool.names, probabilities))})
+
+
+def uniform(config: CompareConfig, seed: int, directory: str) -> dict:
+    return _mix_and_sft(config, seed, Path(directory), {s.name: 1.0 for s in config.mixture.sources})
+
+
+def proportional(config: CompareConfig, seed: int, directory: str) -> dict:
+    pool = _pools(config)[1]
+    return _mix_and_sft(config, seed, Path(directory), dict(zip(pool.names, map(float, pool.sizes))))
+
+
+def _saved_scores(directory: Path, pool) -> torch.Tensor | None:
+    """The scores an interrupted run of this method already wrote (scoring is the expensive part), if complete."""
+    path = directory / "scores.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if len(rows) != len(pool.examples):
+        return None
+    return torch.tensor([row["score"] for row in rows], dtype=torch.float64)
+
+
+def _select_within_budget(config: CompareConfig, seed: int, pool, scores: torch.Tensor,
+                          directory: Path) -> list[int]:
+    """The highest-scoring examples that fit the token budget (whole batches), in a seeded shuffled order; writes
+    every example's score."""
+    order = rank_by_score(scores)
+    count = fill_budget([len(pool.examples[i].input_ids) for i in order], token_budget(config, pool),
+                        config.train.batch_size)
+    chosen = order[:count]
+    selected = set(chosen)
+    rows = [{"source": pool.names[e.source_id], "record": e.record, "score": float(scores[i]),
+             "selected": i in selected} for i, e in enumerate(pool.examples)]
+    atomic_write_text(directory / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    random.Random(seed).shuffle(chosen)
+    return chosen
+
+
+def less(config: CompareConfig, seed: int, directory: str) -> dict:
+    """LESS-style: gradient features of the base model's last blocks (CountSketch seeded by `seed`), cosine to the
+    mean validation feature."""
+    directory = Path(directory)
+    tokenizer, pool, validation = _pools(config)
+    scores = _saved_scores(directory, pool)
+    if scores is None:
+        settings = config.mixture.less
+        model = load_model(config.model, device())
+        parameters = last_block_parameters(model, settings.layers)
+        sketch = CountSketch([p.numel() for p in parameters], settings.dim, seed, parameters[0].device)
+        bar = progress(len(pool.examples) + len(validation.examples), "LESS gradient features")
+        features = [gradient_features(model, examples, sketch, parameters, config.model.precision,
+                                      tokenizer.pad_token_id, bar) for examples in (pool, validation)]
+        bar.close()
+        scores = cosine_to_mean(*features)
+        del model
+    return _sft_on(config, seed, directory, pool, _select_within_budget(config, seed, pool, scores, directory))
+
+
+def rho(config: CompareConfig, seed: int, directory: str) -> dict:
+    """RHO-style, offline: excess loss of the base model over a reference model trained (with `seed`) on the
+    validation set; the model being trained is scored once, at its start."""
+    directory = Path(directory)
+    mixture = config.mixture
+    tokenizer, pool, _ = _pools(config)
+    reference_dir = directory / "reference"
+    run_stage(sft, SFTConfig, {
+        "output_dir": str(reference_dir), "seed": seed, "model": config.model.model_dump(),
+        "data": {"sources": _sources(mixture.validation), "max_length": mixture.max_length},
+        "train": _train(config, steps=mixture.rho.reference_steps, lr=mixture.rho.reference_lr,
+                        checkpoint_every=mixture.rho.reference_steps)}, reference_dir / "summary.json", reference_dir)
+    scores = _saved_scores(directory, pool)
+    if scores is None:
+        losses = {}
+        bar = progress(2 * -(-len(pool.examples) // config.eval_batch_size), "RHO excess loss")
+        for role, source in (("current", config.model), ("reference", config.model.model_copy(
+                update={"name_or_path": str(reference_dir / "model")}))):
+            model = load_model(source, device())
+            losses[role] = example_losses(model, pool, config.eval_batch_size, config.model.precision,
+                                          tokenizer.pad_token_id, bar)
+            del model
+        bar.close()
+        scores = excess_loss(losses["current"], losses["reference"])
+    return _sft_on(config, seed, directory, pool, _select_within_budget(config, seed, pool, scores, directory))
+
+
+def scalebio(config: CompareConfig, seed: int, directory: str) -> dict:
+    """`reweight` (with `seed`) against the target's validation set, then the learned mixture."""
+    directory = Path(directory)
+    mixture = config.mixture
+    run_dir = directory / "reweight"
+    run_stage(reweight, ReweightConfig, {
+        "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
+        "data": {"sources": _sources(mixture.sources), "max_length": mixture.max_length},
+        "validation": {"sources": _sources(mixture.validation)},
+        **mixture.reweight.model_dump(mode="json")}, run_dir / "weights.json", run_dir)
+    learned = json.loads((run_dir / "weights.json").read_text())["weights"]
+    return _mix_and_sft(config, seed, directory, learned) | {"learned_weights": learned}
+
+
+METHODS = {"uniform": uniform, "proportional": proportional, "less": less, "rho": rho, "scalebio": scalebio}

@@ -1,0 +1,147 @@
+"""`compare`'s numbers pooled over seeds × test items: means with 95% CIs, paired differences against the reference
+method, and the four claims of the two papers checked against those intervals (evaluation/statistics.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmrefinery.evaluation.calibration import expected_calibration_error
+from lmrefinery.evaluation.statistics import (Estimate, mean_estimate, paired_difference, set_metric_difference,
+                                              set_metric_estimate)
+
+NLL_FLOOR = 1e-12
+
+
+def _ece(n_bins: int):
+    return lambda confidence, correct: expected_calibration_error(confidence, correct, n_bins)
+
+
+def _per_seed(results: dict, key: str, seeds: list) -> np.ndarray:
+    return np.asarray([results[seed]["per_item"][key] for seed in seeds], dtype=np.float64)
+
+
+def _json(estimate: Estimate) -> dict:
+    return estimate.to_json()
+
+
+def mixture_statistics(results: dict, seeds: list, noisy_sources: list[str] | None) -> dict:
+    """Per method: test loss and exact match (mean [CI]) and the paired difference to the reference (first) method;
+    the learned weights' ordering per seed for ScaleBiO."""
+    methods = list(results)
+    reference = methods[0]
+    keys = [key for key in ("test_loss", "exact_match") if key in results[reference][seeds[0]]["per_item"]]
+    table = {}
+    for method in methods:
+        row = {key: _json(mean_estimate(_per_seed(results[method], key, seeds))) for key in keys}
+        if method != reference:
+            row["difference"] = {key: _json(paired_difference(_per_seed(results[method], key, seeds),
+                                                              _per_seed(results[reference], key, seeds)))
+                                 for key in keys}
+        table[method] = row
+    statistics = {"reference": reference, "methods": table}
+    if "scalebio" in results:
+        others = [m for m in ("less", "rho") if m in results]
+        statistics["scalebio_vs"] = {other: {key: _json(paired_difference(_per_seed(results["scalebio"], key, seeds),
+                                                                          _per_seed(results[other], key, seeds)))
+                                             for key in keys} for other in others}
+        statistics["weights"] = _weights_ordering(results["scalebio"], seeds, noisy_sources)
+    return statistics
+
+
+def _weights_ordering(results: dict, seeds: list, noisy: list[str] | None) -> dict:
+    """Per seed: the learned weights, and whether every noisy source ends below every clean one."""
+    per_seed = {}
+    for seed in seeds:
+        weights = results[seed]["learned_weights"]
+        row = {"weights": weights, "realised_shares": results[seed]["realised_shares"]}
+        if noisy:
+            clean = [w for name, w in weights.items() if name not in noisy]
+            row["noisy_below_clean"] = max(weights[name] for name in noisy) < min(clean)
+            row["margin"] = min(clean) - max(weights[name] for name in noisy)
+        per_seed[str(seed)] = row
+    return {"noisy_sources": noisy, "per_seed": per_seed}
+
+
+def _mcq_arrays(result: dict, test: str) -> dict:
+    items = result["tests"][test]["per_item"]
+    return {"correct": np.asarray(items["correct"]), "confidence": np.asarray(items["confidence"]),
+            "nll": -np.log(np.clip(np.asarray(items["gold_probability"]), NLL_FLOOR, 1.0))}
+
+
+def _mcq_estimates(per_seed: list[dict], n_bins: int) -> dict:
+    return {"accuracy": _json(mean_estimate([s["correct"] for s in per_seed])),
+            "ece": _json(set_metric_estimate(_ece(n_bins), [(s["confidence"], s["correct"]) for s in per_seed])),
+            "nll": _json(mean_estimate([s["nll"] for s in per_seed]))}
+
+
+def _mcq_differences(ours: list[dict], theirs: list[dict], n_bins: int) -> dict:
+    return {"accuracy": _json(paired_difference([s["correct"] for s in ours], [s["correct"] for s in theirs])),
+            "ece": _json(set_metric_difference(_ece(n_bins), [(s["confidence"], s["correct"]) for s in ours],
+                                               [(s["confidence"], s["correct"]) for s in theirs])),
+            "nll": _json(paired_difference([s["nll"] for s in ours], [s["nll"] for s in theirs]))}
+
+
+def distillation_statistics(results: dict, shared: dict, seeds: list, n_bins: int) -> dict:
+    """Per test set and method: accuracy, ECE and NLL (mean [CI]) and the paired differences to the reference
+    (first) method; the teacher and the untrained student as fixed reference rows; the teacher's re-calibration on
+    the test answer positions."""
+    methods = list(results)
+    reference = methods[0]
+    tests = list(results[reference][seeds[0]]["tests"])
+    statistics = {"reference": reference, "tests": {}}
+    for test in tests:
+        arrays = {method: [_mcq_arrays(results[method][seed], test) for seed in seeds] for method in methods}
+        table = {}
+        for method in methods:
+            row = _mcq_estimates(arrays[method], n_bins)
+            if method != reference:
+                row["difference"] = _mcq_differences(arrays[method], arrays[reference], n_bins)
+            table[method] = row
+        fixed = {name: _mcq_estimates([_mcq_arrays({"tests": shared["scores"][name]}, test)], n_bins)
+                 for name in ("teacher", "student_init")}
+        recalibration = shared["recalibration"][test]
+        correct = np.asarray(recalibration["correct"])
+        before = (np.asarray(recalibration["confidence_before"]), correct)
+        after = (np.asarray(recalibration["confidence_after"]), correct)
+        statistics["tests"][test] = {
+            "methods": table, "fixed": fixed,
+            "teacher_recalibration": {
+                "ece_before": _json(set_metric_estimate(_ece(n_bins), [before])),
+                "ece_after": _json(set_metric_estimate(_ece(n_bins), [after])),
+                "difference": _json(set_metric_difference(_ece(n_bins), [after], [before])),
+                "temperature": recalibration["temperature"], "transform": recalibration["transform"]}}
+    return statistics
+
+
+def claims(mixture: dict | None, distillation: dict | None) -> list[dict]:
+    """The papers' claims, each with whether it held on these intervals."""
+    found = []
+    if mixture and "weights" in mixture and mixture["weights"]["noisy_sources"]:
+        per_seed = mixture["weights"]["per_seed"]
+        held = all(row["noisy_below_clean"] for row in per_seed.values())
+        found.append({"claim": "a", "text": "ScaleBiO puts the corrupted and off-domain sources below every clean "
+                                            "source in every seed", "held": held,
+                      "evidence": {seed: round(row["margin"], 4) for seed, row in per_seed.items()}})
+    if mixture and "scalebio" in mixture["methods"] and mixture["reference"] != "scalebio":
+        difference = mixture["methods"]["scalebio"]["difference"]["test_loss"]
+        found.append({"claim": "b", "text": f"SFT on ScaleBiO's mix has a lower target test loss than the "
+                                            f"{mixture['reference']} mix (paired 95% CI of the difference below 0)",
+                      "held": difference["high"] < 0, "evidence": difference})
+    if distillation and "first" in next(iter(distillation["tests"].values()))["methods"]:
+        for test, section in distillation["tests"].items():
+            row = section["methods"]["first"]
+            if "difference" not in row:
+                continue
+            ece, accuracy = row["difference"]["ece"], row["difference"]["accuracy"]
+            found.append({"claim": "c", "test": test,
+                          "text": f"FIRST's student has a lower ECE than the {distillation['reference']} student "
+                                  f"({test.replace('_', '-')}; CI below 0) at an accuracy not lower beyond the CI",
+                          "held": ece["high"] < 0 and accuracy["high"] >= 0,
+                          "evidence": {"ece_difference": ece, "accuracy_difference": accuracy}})
+        for test, section in distillation["tests"].items():
+            difference = section["teacher_recalibration"]["difference"]
+            found.append({"claim": "d", "test": test,
+                          "text": f"the teacher's ECE falls after re-calibration (held-out {test.replace('_', '-')} "
+                                  f"answer positions; CI of the change below 0)",
+                          "held": difference["high"] < 0, "evidence": difference})
+    return found
