@@ -14,7 +14,7 @@ from lmrefinery.baselines.mixture import draw_mixture, fill_budget, mixture_with
 from lmrefinery.baselines.temperature_scaling import fit_temperature
 from lmrefinery.config import CompareConfig, validate_config
 from lmrefinery.errors import UserError
-from lmrefinery.evaluation.statistics import paired_difference
+from lmrefinery.evaluation.statistics import paired_difference, set_metric_difference
 from lmrefinery.recipes import compare
 from tests.helpers import run_cli, write_yaml
 
@@ -66,18 +66,27 @@ def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_i
                 assert 0 < stored["wall_s"] < elapsed
             assert f"| {name} | " in table
     # the seeds really differ (training order), and the statistics are those of the stored per-item values
-    losses = {s: json.loads((out / "mixture" / "scalebio" / f"seed-{s}" / "result.json").read_text())
-              for s in (0, 1)}
-    assert losses[0]["per_item"]["test_loss"] != losses[1]["per_item"]["test_loss"]
-    uniform = [json.loads((out / "mixture" / "uniform" / f"seed-{s}" / "result.json").read_text())["per_item"]
-               ["test_loss"] for s in (0, 1)]
-    expected = paired_difference([losses[s]["per_item"]["test_loss"] for s in (0, 1)], uniform)
+    runs = {(m, s): json.loads((out / "mixture" / m / f"seed-{s}" / "result.json").read_text())["per_item"]
+            for m in ("scalebio", "uniform") for s in (0, 1)}
+    assert runs["scalebio", 0]["loss_sum"] != runs["scalebio", 1]["loss_sum"]
+    token_mean = lambda sums, tokens: float(np.sum(sums) / np.sum(tokens))  # noqa: E731
+    expected = set_metric_difference(token_mean, [(runs["scalebio", s]["loss_sum"], runs["scalebio", s]["tokens"])
+                                                  for s in (0, 1)],
+                                     [(runs["uniform", s]["loss_sum"], runs["uniform", s]["tokens"]) for s in (0, 1)])
     reported = results["statistics"]["mixture"]["methods"]["scalebio"]["difference"]["test_loss"]
     assert reported["value"] == pytest.approx(expected.value) and reported["low"] == pytest.approx(expected.low)
+    direct = np.mean([token_mean(runs["scalebio", s]["loss_sum"], runs["scalebio", s]["tokens"])
+                      - token_mean(runs["uniform", s]["loss_sum"], runs["uniform", s]["tokens"]) for s in (0, 1)])
+    assert reported["value"] == pytest.approx(direct)
+    example = paired_difference([runs["scalebio", s]["example_loss"] for s in (0, 1)],
+                                [runs["uniform", s]["example_loss"] for s in (0, 1)])
+    assert results["statistics"]["mixture"]["methods"]["scalebio"]["difference"]["example_loss"]["value"] \
+        == pytest.approx(example.value)
     claim_b = next(c for c in results["claims"] if c["claim"] == "b")
     assert claim_b["held"] == (reported["high"] < 0)
     first = results["statistics"]["distillation"]["tests"]["in_domain"]["methods"]["first"]["difference"]
-    claim_c = next(c for c in results["claims"] if c["claim"] == "c" and c["test"] == "in_domain")
+    claim_c = next(c for c in results["claims"] if c["claim"] == "c" and c["test"] == "in_domain"
+                   and c["method"] == "first")
     assert claim_c["held"] == (first["ece"]["high"] < 0 and first["accuracy"]["high"] >= 0)
     assert {"in_domain", "out_of_domain"} <= set(results["statistics"]["distillation"]["tests"])
     assert (out / "plots" / "compare-mixture.png").stat().st_size > 10_000

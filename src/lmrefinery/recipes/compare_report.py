@@ -50,18 +50,21 @@ def _mixture_section(results: dict, statistics: dict, seeds: list) -> list[str]:
     reference = statistics["reference"]
     first = results[reference][seeds[0]]
     has_exact = "exact_match" in first["per_item"]
-    head = "| method | test loss [95% CI] | Δ vs " + reference + " | " + (
+    head = "| method | test loss [95% CI] | Δ vs " + reference + " | per-example loss | Δ | " + (
         "exact match | Δ exact match | " if has_exact else "") + "SFT examples | steps | tokens | wall (s) | peak GiB |"
     lines = ["## Data mixture and selection", "",
              f"Every method's SFT set holds at most {first['token_budget']} tokens (prompt + response) in whole batches; "
-             f"SFT makes one pass over it. Test loss is the mean over the {len(first['per_item']['test_loss'])} test "
-             f"examples of each example's token-mean loss; Δ is the paired difference to `{reference}` per (seed, "
-             f"test example), 95% CI by resampling test examples; **\\*** marks a CI that excludes 0.", "",
+             f"SFT makes one pass over it. Test loss is the token-mean loss over the "
+             f"{len(first['per_item']['tokens'])} test examples' answer tokens (as `evaluate --task loss` reports it); "
+             "per-example loss is the mean of each example's own token-mean loss. Δ is the paired difference to "
+             f"`{reference}` (the same test examples under the same seeds), 95% CI by resampling test examples; "
+             "**\\*** marks a CI that excludes 0.", "",
              head, "|---|" + "---:|" * (head.count("|") - 2)]
     for method, row in statistics["methods"].items():
         rows = [results[method][seed] for seed in seeds]
         difference = row.get("difference", {})
-        cells = [_ci(row["test_loss"]), _delta(difference.get("test_loss"))]
+        cells = [_ci(row["test_loss"]), _delta(difference.get("test_loss")), _ci(row["example_loss"]),
+                 _delta(difference.get("example_loss"))]
         if has_exact:
             cells += [_ci(row["exact_match"], ".3f"), _delta(difference.get("exact_match"), "+.3f")]
         cells += [f"{_mean(rows, 'sft_examples'):.0f}", f"{_mean(rows, 'sft_steps'):.1f}",

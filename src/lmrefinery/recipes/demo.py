@@ -24,7 +24,7 @@ from lmrefinery.recipes.demo_report import write_report
 PRESETS = {
     "quick": {"data": "quick", "max_length": 128, "seeds": [0],
               "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-4},
-              "mixture_examples": 16, "reweight_steps": 3, "lr_weights": 0.2, "teacher_steps": 4,
+              "mixture_examples": 8, "reweight_steps": 2, "lr_weights": 0.2, "teacher_steps": 2,
               "teacher_lr": 2e-4},
     "default": {"data": "default", "max_length": 192, "seeds": [0],
                 "train": {"steps": 12, "batch_size": 8, "micro_batch_size": 8, "lr": 1e-4},

@@ -23,7 +23,7 @@ DATA_SIZES = {
               "mcq_ood_test": 16},
     "default": {"per_source": 32, "validation": 16, "test": 64, "mcq_train": 96, "mcq_heldout": 48, "mcq_test": 96,
                 "mcq_ood_test": 48},
-    "evidence": {"per_source": 64, "validation": 32, "test": 256, "mcq_train": 400, "mcq_heldout": 200,
+    "evidence": {"per_source": 64, "validation": 32, "test": 256, "mcq_train": 800, "mcq_heldout": 200,
                  "mcq_test": 400, "mcq_ood_test": 200},
 }
 

@@ -48,13 +48,16 @@ def evaluate_answers(directory: Path, model: str | Path, test_sources: list[dict
                      exact_match: bool = True, max_new_tokens: int = 12, precision: str = "auto",
                      batch_size: int = 8) -> dict:
     """Held-out loss (with token-level calibration) and, optionally, exact-match accuracy of greedy answers; with
-    `per_item` (in test-set order): each example's own token-mean loss and its exact-match score."""
+    `per_item` (in test-set order): each example's token-loss sum, token count and own token-mean loss, and its
+    exact-match score."""
     common = {"model": {"name_or_path": str(model), "precision": precision}, "batch_size": batch_size}
     run_stage(evaluate, EvaluateConfig, {"output_dir": str(directory / "loss"), "task": "loss", **common,
                                          "data": {"sources": test_sources, "max_length": max_length}},
               directory / "loss" / "eval.json")
     loss = json.loads((directory / "loss" / "eval.json").read_text())["overall"]
-    per_item = {"test_loss": [row["loss"] for row in _items(directory / "loss" / "items.jsonl")]}
+    rows = _items(directory / "loss" / "items.jsonl")
+    per_item = {"loss_sum": [row["loss_sum"] for row in rows], "tokens": [row["tokens"] for row in rows],
+                "example_loss": [row["loss"] for row in rows]}
     result = {"test_loss": loss["loss"], "token_accuracy": loss["token_accuracy"], "token_ece": loss["token_ece"],
               "token_brier": loss["token_brier"]}
     if exact_match:
