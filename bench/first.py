@@ -7,6 +7,8 @@ Teacher: smollm2-135m-instruct (30 blocks); student: the teacher's blocks 0, 3, 
    and of the same data in the authors' JSON-per-token format ({position: {token_id: prob}} per example, response
    positions only — a lower bound for their format, which also stores padding positions);
 2. throughput of the teacher pass (forward + fp32 log-softmax + top-k) / a bare teacher forward, same batches;
+   and the teacher pass with bf16-loaded weights (`model.load_dtype: bfloat16`) vs fp32: the throughput ratio, the
+   share of positions whose top-k ids agree, and the largest difference of their cached log-probs (report only);
 3. distill step / sft step on the same student and batches;
 4. distill step / online full-vocabulary KD step (the live teacher's forward included);
 5. peak memory of the loss's forward+backward from the same bf16 logits: top-k KL (other bucket on, chunked) vs
@@ -140,6 +142,31 @@ def main() -> None:
         bare_s, pass_s = timed(bare, args.repeats), timed(teacher_pass, args.repeats)
         report["teacher_pass"] = {"bare_forward_s": round(bare_s, 3), "teacher_pass_s": round(pass_s, 3),
                                   "throughput_ratio": round(bare_s / pass_s, 3), "target": ">= 0.9"}
+
+        # the teacher pass with the weights loaded in bfloat16 (model.load_dtype) against fp32: speed and how far the
+        # cached log-probabilities move (compared where both passes chose the same top-k ids, in the same order)
+        teacher_bf16 = load_model(ModelConfig(name_or_path=args.model, load_dtype="bfloat16"), training=False).eval()
+
+        def teacher_pass_bf16():
+            for batch in batches:
+                teacher_topk(teacher_bf16, batch, 5, "bf16", ConcentrationStats())
+
+        bf16_s = timed(teacher_pass_bf16, args.repeats)
+        same, positions_seen, max_difference = 0, 0, 0.0
+        with torch.no_grad():
+            for batch in batches:
+                exact = teacher_topk(teacher, batch, 5, "fp32")
+                low = teacher_topk(teacher_bf16, batch, 5, "bf16")
+                for ids32, lp32, ids16, lp16 in zip(exact[0], exact[1], low[0], low[1]):
+                    agree = (ids32 == ids16).all(dim=-1)
+                    positions_seen += len(agree)
+                    same += int(agree.sum())
+                    if agree.any():
+                        max_difference = max(max_difference, float((lp32[agree] - lp16[agree]).abs().max()))
+        report["teacher_pass_bf16"] = {"fp32_s": round(pass_s, 3), "bf16_s": round(bf16_s, 3),
+                                       "throughput_bf16_over_fp32": round(pass_s / bf16_s, 3),
+                                       "positions_with_same_topk_ids": round(same / positions_seen, 4),
+                                       "max_abs_logprob_difference": round(max_difference, 4)}
 
         keep = every_nth(len(find_decoder_layers(teacher)), 3)
         student = keep_layers(teacher, keep).train()

@@ -1,14 +1,17 @@
 """`reweight` step time and memory against `sft`, on the same model, micro-batch and batch sizes, side by side.
 
-One run of this script runs three modes, each in a fresh child process (so each peak is its own): `sft` without
-LISA, `reweight` without LISA, `reweight` with LISA (2 layers) on both model copies. The step time is the median of
+One run of this script runs five modes, each in a fresh child process (so each peak is its own): `sft` without
+LISA, `reweight` without LISA (two full copies), `reweight` with LISA (2 layers) on both model copies, `sft` with
+LoRA, and `reweight` with LoRA (u and w two adapters of one frozen base). The step time is the median of
 the recipes' own `step_time_s` (first step dropped); peak memory as in bench/lisa_memory.py (CPU: peak RSS minus
 RSS before loading anything; CUDA: allocator peak).
 
 Targets: reweight step / sft step ≤ 3.1 (the floor is 3 forward+backward passes: u on B, w on B, w on B_v);
-peak memory of reweight with LISA / sft without LISA ≤ 1.3.
+peak memory of reweight with LISA / sft without LISA ≤ 1.3; with LoRA: reweight-LoRA peak / sft-LoRA peak ≤ 1.15
+and reweight-LoRA step / sft-LoRA step ≤ 3.1 (reweight-LoRA peak / two-full-copies reweight peak reported).
 
     python bench/reweight_step.py                   # smollm2-135m-instruct, batch 4, validation batch 4
+    python bench/reweight_step.py --modes sft_lora reweight_lora reweight
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ("sft", "reweight", "reweight_lisa")
+MODES = ("sft", "reweight", "reweight_lisa", "sft_lora", "reweight_lora")
+LORA = {"enabled": True, "r": 16, "alpha": 32}
 
 
 def rss_bytes() -> int:
@@ -60,15 +64,16 @@ def child(mode: str, args) -> dict:
     model = {"name_or_path": args.model, "precision": args.precision}
     out = root / mode
     common = {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.micro, "checkpoint_every": None}
-    if mode == "sft":
-        config = validate_config(SFTConfig, {"output_dir": str(out), "model": model, "data": data,
+    lora = LORA if mode.endswith("_lora") else {"enabled": False}
+    if mode.startswith("sft"):
+        config = validate_config(SFTConfig, {"output_dir": str(out), "model": model, "data": data, "lora": lora,
                                              "save_model": False, "train": {**common, "lr": 1e-5}})
         sft.run(config)
     else:
         config = validate_config(ReweightConfig, {
             "output_dir": str(out), "model": model, "data": data,
             "validation": {"sources": [{"name": "val", "path": str(root / "data-9.jsonl")}]},
-            "lisa": {"enabled": mode == "reweight_lisa", "layers": 2, "interval": 2},
+            "lisa": {"enabled": mode == "reweight_lisa", "layers": 2, "interval": 2}, "lora": lora,
             "train": {**common, "val_batch_size": args.val_batch}})
         reweight.run(config)
     import torch
@@ -89,6 +94,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--words", type=int, default=40)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to run (default all)")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -103,23 +109,24 @@ def main() -> None:
             write_data(Path(tmp), args.batch * args.steps * 2, args.words, seed)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         results = {}
-        for mode in MODES:
+        for mode in args.modes:
             command = [sys.executable, __file__, "--mode", mode, "--workdir", tmp] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("mode", "workdir")]
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("mode", "modes", "workdir")]
             output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
             results[mode] = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT "))[7:])
-    sft_result = results["sft"]
+    ratios = {}
+    for over, under in [("reweight", "sft"), ("reweight_lisa", "sft"), ("reweight_lora", "sft_lora"),
+                        ("reweight_lora", "reweight"), ("sft_lora", "sft")]:
+        if over in results and under in results:
+            ratios[f"{over}_step_over_{under}_step"] = round(results[over]["step_s"] / results[under]["step_s"], 3)
+            ratios[f"{over}_peak_over_{under}_peak"] = round(results[over]["peak_memory_bytes"]
+                                                             / results[under]["peak_memory_bytes"], 3)
     print(json.dumps({
         "model": args.model, "batch": args.batch, "val_batch": args.val_batch, "micro_batch": args.micro,
-        "max_length": args.max_length, "results": results,
-        "reweight_step_over_sft_step": round(results["reweight"]["step_s"] / sft_result["step_s"], 3),
-        "reweight_lisa_step_over_sft_step": round(results["reweight_lisa"]["step_s"] / sft_result["step_s"], 3),
-        "reweight_lisa_peak_over_sft_peak": round(results["reweight_lisa"]["peak_memory_bytes"]
-                                                  / sft_result["peak_memory_bytes"], 3),
-        "reweight_peak_over_sft_peak": round(results["reweight"]["peak_memory_bytes"]
-                                             / sft_result["peak_memory_bytes"], 3),
-        "targets": {"reweight_step_over_sft_step": "<= 3.1", "reweight_lisa_peak_over_sft_peak": "<= 1.3"}},
-        indent=2))
+        "max_length": args.max_length, "results": results, "ratios": ratios,
+        "targets": {"reweight_step_over_sft_step": "<= 3.1", "reweight_lisa_peak_over_sft_peak": "<= 1.3",
+                    "reweight_lora_peak_over_sft_lora_peak": "<= 1.15",
+                    "reweight_lora_step_over_sft_lora_step": "<= 3.1"}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ os.environ.setdefault("LMREFINERY_AUTO_PRECISION", "fp32")
 from tests.tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_root(tmp_path_factory):
+    """Tokenised pools cached by the suite go to a temporary directory, not the user's cache."""
+    if "LMREFINERY_CACHE" not in os.environ:
+        os.environ["LMREFINERY_CACHE"] = str(tmp_path_factory.mktemp("lmrefinery-cache"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

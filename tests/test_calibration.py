@@ -62,3 +62,47 @@ def test_brier_and_nll():
 def test_reliability_diagram_writes_png(tmp_path):
     path = reliability_diagram([0.2, 0.7, 0.9, 1.0], [0, 1, 1, 0], tmp_path / "r.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("n", [500, 997, 2000])
+def test_metrics_equal_torchmetrics_and_netcal_on_random_inputs(n):
+    """Softmax outputs of random logits over 5 classes: confidence = top-1 probability, correct = top-1 is the
+    target. ECE and MCE against torchmetrics and netcal, equal-mass ECE against netcal's equal-frequency ECE, the
+    Brier score against torchmetrics' mean squared error of the one-hot target (× classes)."""
+    from netcal.metrics import ECE, MCE
+    from torchmetrics.functional import mean_squared_error
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    from lmrefinery.evaluation.calibration import equal_mass_calibration_error
+
+    rng = np.random.default_rng(n)
+    logits = rng.normal(size=(n, 5)) * 2
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    target = rng.integers(0, 5, n)
+    confidence, correct = probabilities.max(1), (probabilities.argmax(1) == target).astype(float)
+    as_torch = torch.tensor(probabilities, dtype=torch.float64), torch.tensor(target)
+    for bins in (10, 15):
+        for ours, norm, netcal in ((expected_calibration_error, "l1", ECE), (maximum_calibration_error, "max", MCE)):
+            value = ours(confidence, correct, bins)
+            assert value == pytest.approx(
+                multiclass_calibration_error(*as_torch, num_classes=5, n_bins=bins, norm=norm).item(), abs=1e-6)
+            assert value == pytest.approx(netcal(bins=bins).measure(confidence, correct.astype(int)), abs=1e-6)
+        assert equal_mass_calibration_error(confidence, correct, bins) == pytest.approx(
+            ECE(bins=bins, equal_intervals=False).measure(confidence, correct.astype(int)), abs=1e-6)
+    one_hot = np.eye(5)[target]
+    assert brier_score(probabilities, target) == pytest.approx(
+        5 * mean_squared_error(torch.tensor(probabilities), torch.tensor(one_hot)).item(), abs=1e-6)
+
+
+def test_selective_accuracy_and_the_coverage_curve_on_designed_inputs():
+    from lmrefinery.evaluation.calibration import coverage_accuracy_auc, selective_accuracy
+
+    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    ranked = np.array([1, 1, 1, 1, 0, 1, 0, 0, 0, 0], dtype=float)  # right exactly where it is surest
+    assert selective_accuracy(confidence, ranked, 0.4) == 1.0 and selective_accuracy(confidence, ranked, 1.0) == 0.5
+    assert selective_accuracy(confidence, ranked, 0.6) == pytest.approx(5 / 6)
+    expected = np.mean(np.cumsum(ranked) / np.arange(1, 11))
+    assert coverage_accuracy_auc(confidence, ranked) == pytest.approx(expected)
+    assert coverage_accuracy_auc(confidence, ranked[::-1]) < 0.5 < coverage_accuracy_auc(confidence, ranked)
+    with pytest.raises(ValueError):
+        selective_accuracy(confidence, ranked, 0.0)

@@ -70,14 +70,14 @@ def _paths_in(tree) -> list[str]:
         return [p for value in tree.values() for p in _paths_in(value)]
     if isinstance(tree, list):
         return [p for value in tree for p in _paths_in(value)]
-    return [tree] if isinstance(tree, str) and tree.startswith("demo-out/data/") else []
+    return [tree] if isinstance(tree, str) and tree.startswith("../demo-out/data/") else []
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_read_files_the_demo_writes(path):
     from lmrefinery.recipes.demo_data import layout
 
-    written = layout(Path("demo-out/data"))
+    written = layout(Path("../demo-out/data"))
     files = {str(p) for p in written["sources"].values()} | {str(written["validation"]), str(written["test"])}
     files |= {str(p) for p in written["mcq"].values()}
     tree = yaml.safe_load(path.read_text())

@@ -19,7 +19,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
         # lr 3e-3 × 4 Adam steps: a near-zero gradient's summation-order noise (ranks vs micro-batches) can move
         # one element by ~1e-5 after Adam's normalisation; a real mismatch moves whole tensors by ~1e-3
         torch.testing.assert_close(final_double[name], final_single[name], atol=3e-5, rtol=0)
-    assert (tmp_path / "double" / "checkpoints" / "step-4" / "rng-rank1.pt").exists()
+    assert (tmp_path / "double" / "checkpoints" / "step-4" / "rng-rank1.json").exists()
 
     # Resume under torchrun from the sharded run's step-2 checkpoint reproduces the same end point.
     import shutil

@@ -23,20 +23,19 @@ from tests.helpers import run_cli, write_yaml
 from tests.tiny import FAMILIES, messages_records, save_tiny_model, tiny_model, write_jsonl
 
 
-def _overconfident_cache(tmp_path, model_dir, tokenizer, accuracy=0.6):
-    """A cache whose teacher puts 0.97 on its top-1 token but is right only `accuracy` of the time."""
-    path = write_jsonl(tmp_path / "held.jsonl", messages_records(0, 40))
+def _designed_cache(tmp_path, model_dir, tokenizer, examples: int, right) -> tuple:
+    """A held-out cache whose teacher puts 0.97 on its top-1 token at every response position; `right(position)`
+    decides (position = index within the example's response) whether that top-1 is the true token."""
+    path = write_jsonl(tmp_path / "held.jsonl", messages_records(0, examples))
     data = DataConfig(sources=[SourceConfig(name="held", path=str(path))], max_length=96)
     pool = load_pool(data.sources, ChatEncoder(tokenizer), data)
-    rng = random.Random(0)
     probabilities = torch.tensor([0.97, 0.01, 0.008, 0.006, 0.004])
     ids, offsets = [], [0]
     for example in pool.examples:
-        for label in example.labels[1:]:
-            if label == -100:
-                continue
+        truths = [label for label in example.labels[1:] if label != -100]
+        for position, label in enumerate(truths):
             wrong = [(label + j) % len(tokenizer) for j in range(1, 6)]
-            ids.append([label] + wrong[:4] if rng.random() < accuracy else wrong)
+            ids.append([label] + wrong[:4] if right(position) else wrong)
         offsets.append(len(ids))
     directory = tmp_path / "held-cache"
     directory.mkdir()
@@ -47,7 +46,13 @@ def _overconfident_cache(tmp_path, model_dir, tokenizer, accuracy=0.6):
     write_manifest(directory, teacher=str(model_dir), tokenizer=tokenizer, vocab_size=len(tokenizer), k=5,
                    logprob_dtype="float32", pool=pool, data=data.model_dump(mode="json"),
                    model={"name_or_path": str(model_dir)})
-    return directory
+    return directory, pool
+
+
+def _overconfident_cache(tmp_path, model_dir, tokenizer, accuracy=0.6):
+    """A cache whose teacher puts 0.97 on its top-1 token but is right only `accuracy` of the time."""
+    rng = random.Random(0)
+    return _designed_cache(tmp_path, model_dir, tokenizer, 40, lambda position: rng.random() < accuracy)[0]
 
 
 def test_calibrate_extends_a_grid_that_stops_too_early(tmp_path, tiny_model_dir, tokenizer):
@@ -137,7 +142,7 @@ def test_mcq_item_formats(tmp_path):
     assert parse_item({"question": "q", "options": {"A": "x", "B": "y", "C": "z"}, "answer": 2}, "x").gold == 2
     lettered = parse_item({"prompt": "Pick: A) x B) y", "answer": "A"}, "x")
     assert lettered.letters == list("ABCD") and lettered.gold == 0
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "options": ["a"], "answer": "Z"}])
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "options": ["a", "b"], "answer": "Z"}])
     from lmrefinery.errors import UserError
     with pytest.raises(UserError, match="line 1: 'answer' must be one of"):
         load_items(str(path))
@@ -200,31 +205,10 @@ def test_calibrate_by_nll_minimises_the_gold_bucket_nll_computed_directly(tmp_pa
 
 
 def _letter_and_tail_cache(tmp_path, model_dir, tokenizer):
-    """A held-out cache whose first response position (the "answer letter") is overconfident — 0.97 on a top-1
-    that is right 55% of the time — while every later position is 0.97 and always right."""
-    path = write_jsonl(tmp_path / "held.jsonl", messages_records(0, 60))
-    data = DataConfig(sources=[SourceConfig(name="held", path=str(path))], max_length=96)
-    pool = load_pool(data.sources, ChatEncoder(tokenizer), data)
+    """The first response position (the "answer letter") is overconfident — 0.97 on a top-1 that is right 55% of
+    the time — while every later position is 0.97 and always right."""
     rng = random.Random(1)
-    probabilities = torch.tensor([0.97, 0.01, 0.008, 0.006, 0.004])
-    ids, offsets = [], [0]
-    for example in pool.examples:
-        truths = [label for label in example.labels[1:] if label != -100]
-        for position, label in enumerate(truths):
-            wrong = [(label + j) % len(tokenizer) for j in range(1, 6)]
-            right = position > 0 or rng.random() < 0.55
-            ids.append([label] + wrong[:4] if right else wrong)
-        offsets.append(len(ids))
-    directory = tmp_path / "held-cache"
-    directory.mkdir()
-    count = len(ids)
-    write_shard(directory, 0, torch.tensor(ids, dtype=torch.uint16), probabilities.log().repeat(count, 1),
-                torch.full((count,), math.log(1 - float(probabilities.sum()))), torch.tensor(offsets), 0,
-                ConcentrationStats())
-    write_manifest(directory, teacher=str(model_dir), tokenizer=tokenizer, vocab_size=len(tokenizer), k=5,
-                   logprob_dtype="float32", pool=pool, data=data.model_dump(mode="json"),
-                   model={"name_or_path": str(model_dir)})
-    return directory, pool
+    return _designed_cache(tmp_path, model_dir, tokenizer, 60, lambda position: position > 0 or rng.random() < 0.55)
 
 
 def test_answer_position_calibration_fits_the_letter_positions_only(tmp_path, tiny_model_dir, tokenizer):

@@ -116,3 +116,32 @@ def test_truncation_cuts_long_examples_or_drops_them(tmp_path, tokenizer):
             assert (stats.truncated, stats.dropped_too_long) == (1, 0)
         else:
             assert [e.record for e in examples] == [0, 2] and (stats.truncated, stats.dropped_too_long) == (0, 1)
+
+
+def test_a_dataset_directory_is_read_through_datasets_with_split_and_record_locations(tmp_path, tokenizer, capsys,
+                                                                                       tiny_model_dir):
+    """A source `path` may be anything `datasets.load_dataset` reads (a hub id, or — here, offline — a directory of
+    data files with its splits); records stream in order and a bad one is named by split and index."""
+    from tests.helpers import run_cli, sft_config, write_yaml
+
+    directory = tmp_path / "hub-style"
+    directory.mkdir()
+    records = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(6)]
+    (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (directory / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    data = DataConfig(sources=[SourceConfig(name="x", path="unused")], max_length=256)
+    encoder = ChatEncoder(tokenizer)
+    examples, _ = load_source(SourceConfig(name="hub", path=str(directory)), 0, encoder, data)
+    reference, _ = load_source(SourceConfig(name="file", path=str(directory / "train.jsonl")), 0, encoder, data)
+    assert [e.input_ids for e in examples] == [e.input_ids for e in reference]
+    test_split, _ = load_source(SourceConfig(name="hub", path=str(directory), split="test"), 0, encoder, data)
+    assert len(test_split) == 2
+    locations = [r.location for r in read_records(directory, split="test")]
+    assert locations == [f"{directory} split test record 0", f"{directory} split test record 1"]
+
+    broken = records[:3] + [{"instruction": "No output here."}] + records[3:]
+    (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in broken))
+    tree = sft_config(tmp_path, tiny_model_dir, steps=1)
+    tree["data"]["sources"][1] = {"name": "hub", "path": str(directory), "split": "train"}
+    assert run_cli("sft", "--config", write_yaml(tmp_path / "c.yaml", tree)) == 2
+    assert f"{directory} split train record 3: missing field 'output'" in capsys.readouterr().err

@@ -74,7 +74,8 @@ def test_callback_resume_restores_active_set_and_weights(tmp_path, tokenizer):
     uninterrupted = _trainer(tmp_path / "a", tokenizer, [LISACallback(layers=1, interval=2, seed=5)], 6, **common)
     uninterrupted.train()
     expected = {k: v.clone() for k, v in uninterrupted.model.state_dict().items()}
-    expected_active = next(c for c in uninterrupted.callback_handler.callbacks if isinstance(c, LISACallback)).lisa.active
+    callbacks = uninterrupted.callback_handler.callbacks
+    expected_active = next(c for c in callbacks if isinstance(c, LISACallback)).lisa.active
 
     first = _trainer(tmp_path / "b", tokenizer, [LISACallback(layers=1, interval=2, seed=5)], 6, **common)
     first.train()

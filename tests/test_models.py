@@ -86,3 +86,39 @@ def test_head_at_supervised_positions_equals_the_full_logits_path(family, tokeni
     assert ours[1].keys() == reference[1].keys()
     for name in ours[1]:
         torch.testing.assert_close(ours[1][name], reference[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_bfloat16_load_is_for_inference_only(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    import torch
+
+    from tests.helpers import run_cli, sft_config, write_yaml
+    from tests.tiny import messages_records, write_jsonl
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), load_dtype="bfloat16"), training=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(UserError, match="keeps fp32 master weights"):
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir), load_dtype="bfloat16"))
+    tree = sft_config(tmp_path, tiny_model_dir, steps=1)
+    tree["model"]["load_dtype"] = "bfloat16"
+    assert run_cli("sft", "--config", write_yaml(tmp_path / "c.yaml", tree)) == 2
+    assert "model.load_dtype=bfloat16" in capsys.readouterr().err
+    data = write_jsonl(tmp_path / "q.jsonl", messages_records(0, 4))
+    for dtype in ("float32", "bfloat16"):
+        evaluate = {"output_dir": str(tmp_path / dtype), "batch_size": 4,
+                    "model": {"name_or_path": str(tiny_model_dir), "load_dtype": dtype},
+                    "data": {"sources": [{"name": "q", "path": str(data)}]}}
+        assert run_cli("evaluate", "--config", write_yaml(tmp_path / f"{dtype}.yaml", evaluate)) == 0
+    losses = [json.loads((tmp_path / d / "eval.json").read_text())["overall"]["loss"] for d in ("float32", "bfloat16")]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2) and losses[1] != losses[0]
+
+
+def test_keep_layers_in_place_builds_the_student_without_a_second_model():
+    from lmrefinery.distill.student import keep_layers
+
+    teacher = tiny_model("llama", layers=4)
+    kept = [p.data_ptr() for p in find_decoder_layers(teacher)[2].parameters()]
+    student = keep_layers(teacher, [0, 2], in_place=True)
+    assert student is teacher and len(find_decoder_layers(student)) == 2
+    assert [p.data_ptr() for p in find_decoder_layers(student)[1].parameters()] == kept  # the same memory

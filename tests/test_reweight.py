@@ -45,15 +45,19 @@ def _reweight_config(tmp_path, model_dir, seed=0, **train):
             "train": settings}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_weights_are_ordered_by_corruption(tmp_path, seed):
-    model_dir = save_tiny_model(tmp_path / "model", "llama", seed=seed)
-    config = write_yaml(tmp_path / "rw.yaml", _reweight_config(tmp_path, model_dir, seed))
-    assert run_cli("reweight", "--config", config) == 0
+def assert_ordered_by_corruption(tmp_path, config: dict) -> None:
+    """Run `reweight` on the designed sources: the cleaner a source, the higher its weight, the clean one above 0.4."""
+    assert run_cli("reweight", "--config", write_yaml(tmp_path / "rw.yaml", config)) == 0
     weights = json.loads((tmp_path / "run" / "weights.json").read_text())["weights"]
     ordered = [weights[name] for name in NAMES]
     assert ordered == sorted(ordered, reverse=True), weights
     assert ordered[0] > 0.4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weights_are_ordered_by_corruption(tmp_path, seed):
+    model_dir = save_tiny_model(tmp_path / "model", "llama", seed=seed)
+    assert_ordered_by_corruption(tmp_path, _reweight_config(tmp_path, model_dir, seed))
 
 
 def test_outputs(tmp_path, tiny_model_dir):
@@ -113,7 +117,7 @@ def test_mix_draws_by_weights_and_reports(tmp_path):
     weights = tmp_path / "weights.json"
     weights.write_text(json.dumps({"weights": {"small": 0.6, "large": 0.4}}))
     config = {"output_dir": str(tmp_path / "mix"), "weights": str(weights), "num_examples": 20, "seed": 3,
-              "sources": [{"name": "small", "path": str(small)}, {"name": "large", "path": str(large)}]}
+              "data": {"sources": [{"name": "small", "path": str(small)}, {"name": "large", "path": str(large)}]}}
     assert run_cli("mix", "--config", write_yaml(tmp_path / "mix.yaml", config)) == 0
     records = [json.loads(line) for line in (tmp_path / "mix" / "mix.jsonl").read_text().splitlines()]
     manifest = json.loads((tmp_path / "mix" / "manifest.json").read_text())
@@ -132,7 +136,7 @@ def test_mix_draws_by_weights_and_reports(tmp_path):
 def test_mix_rejects_weights_that_do_not_name_the_sources(tmp_path, capsys):
     small = write_jsonl(tmp_path / "small.jsonl", _arithmetic(5, 0))
     config = {"output_dir": str(tmp_path / "mix"), "weights": {"other": 1.0}, "num_examples": 3,
-              "sources": [{"name": "small", "path": str(small)}]}
+              "data": {"sources": [{"name": "small", "path": str(small)}]}}
     assert run_cli("mix", "--config", write_yaml(tmp_path / "mix.yaml", config)) == 2
     assert "weights: weights must name exactly the configured sources ['small']; missing ['small'], unknown ['other']" \
         in capsys.readouterr().err

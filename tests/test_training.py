@@ -28,10 +28,18 @@ def _examples(tokenizer):
     return examples
 
 
-def _gradients(model, micro_batches, precision="fp32"):
+def _gradients(model, micro_batches, precision="fp32", normalize_by="tokens"):
     model.zero_grad(set_to_none=True)
-    loss, tokens, _, _ = accumulate_token_mean_gradients(model, micro_batches, DistEnv(), precision)
+    loss = accumulate_token_mean_gradients(model, micro_batches, DistEnv(), precision, normalize_by=normalize_by).loss
     return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _token_losses(model, batch):
+    """The model's own per-token cross-entropy over a padded batch: the reference."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:],
+                                                 reduction="none", ignore_index=-100)
 
 
 def test_micro_batch_1x4_equals_4x1(tokenizer):
@@ -44,12 +52,8 @@ def test_micro_batch_1x4_equals_4x1(tokenizer):
     for name in grads_one:
         torch.testing.assert_close(grads_one[name], grads_four[name], atol=1e-5, rtol=0)
     # Reference: the token-mean loss computed by hand from the model's own per-token cross-entropy.
-    with torch.no_grad():
-        batch = collate(examples, pad)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:],
-                                                         reduction="none", ignore_index=-100)
-        reference = token_losses.sum() / (batch.labels[:, 1:] != -100).sum()
+    batch = collate(examples, pad)
+    reference = _token_losses(model, batch).sum() / (batch.labels[:, 1:] != -100).sum()
     assert loss_one == pytest.approx(float(reference), abs=1e-5)
 
 
@@ -162,18 +166,9 @@ def test_sequence_sum_normalisation_is_the_mean_per_example_sum_for_any_split(to
     pad = tokenizer.pad_token_id
     model = tiny_model("llama", vocab_size=len(tokenizer))
 
-    def run(micro_batches):
-        model.zero_grad(set_to_none=True)
-        loss = accumulate_token_mean_gradients(model, micro_batches, DistEnv(), "fp32", normalize_by="examples").loss
-        return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    loss_one, grads_one = run([collate(examples, pad)])
-    loss_four, grads_four = run([collate([e], pad) for e in examples])
-    with torch.no_grad():
-        batch = collate(examples, pad)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:],
-                                                         reduction="none", ignore_index=-100)
+    loss_one, grads_one = _gradients(model, [collate(examples, pad)], normalize_by="examples")
+    loss_four, grads_four = _gradients(model, [collate([e], pad) for e in examples], normalize_by="examples")
+    token_losses = _token_losses(model, collate(examples, pad))
     assert loss_one == pytest.approx(float(token_losses.sum()) / len(examples), abs=1e-5)
     assert loss_four == pytest.approx(loss_one, abs=1e-5)
     for name in grads_one:

@@ -6,14 +6,34 @@ Each command is a recipe plus its config class. User errors exit 2 with one line
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import importlib
+import os
 import sys
+import typing
 
-from lmrefinery import __version__
-from lmrefinery.config import load_config
-from lmrefinery.errors import TrainingDiverged, UserError
-from lmrefinery.logs import configure_logging
-from lmrefinery.train.distributed import teardown_distributed
+
+def _offline_by_default() -> None:
+    """Model and data locations resolve locally unless the user opts into the network (LMREFINERY_ONLINE=1, or the
+    Hugging Face variables set explicitly): a mistyped hub id then fails at once instead of retrying for a minute."""
+    if os.environ.get("LMREFINERY_ONLINE") not in (None, "", "0"):
+        return
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(variable, "1")
+
+
+# Before the imports below: huggingface_hub and datasets read these variables once, when they are first imported.
+_offline_by_default()
+
+from lmrefinery import __version__  # noqa: E402
+from lmrefinery.config import load_config  # noqa: E402
+from lmrefinery.config.commands import EVALUATE_TASKS  # noqa: E402
+from lmrefinery.config.keys import config_keys  # noqa: E402
+from lmrefinery.errors import TrainingDiverged, UserError  # noqa: E402
+from lmrefinery.logs import configure_logging  # noqa: E402
+from lmrefinery.train.distributed import teardown_distributed  # noqa: E402
+from lmrefinery.train.run_dir import release_run_locks  # noqa: E402
 
 # command → (config class in lmrefinery.config, resumable with --resume, one-line help); the recipe is
 # lmrefinery.recipes.<command>, imported only when it runs (a recipe resumes iff its run() takes `resume`).
@@ -24,7 +44,8 @@ COMMANDS = {
     "teacher": ("TeacherConfig", True, "cache a teacher's top-k token probabilities"),
     "calibrate": ("CalibrateConfig", False, "fit the teacher temperature that minimises ECE"),
     "distill": ("DistillConfig", True, "distil a student from the top-k cache (FIRST)"),
-    "evaluate": ("EvaluateConfig", False, "held-out loss per source, or MCQ accuracy and calibration"),
+    "evaluate": ("EvaluateConfig", False, "held-out loss per source, MCQ accuracy and calibration, or lm-eval tasks"),
+    "calibration": ("CalibrationReportConfig", False, "calibration report of lm-eval --log_samples files"),
     "demo": ("DemoConfig", False, "the whole story on the embedded default model and data"),
     "compare": ("CompareConfig", False, "the papers' baselines side by side under one budget"),
 }
@@ -38,28 +59,57 @@ def recipe(command: str):
     return importlib.import_module(f"lmrefinery.recipes.{command}")
 
 
+DOCS = {"teacher": "teacher.md", "calibrate": "calibrate.md"}  # every other command: docs/<command>.md
+
+
+def _keys_help(command: str) -> str:
+    """The command's config keys (type, default, meaning) and its doc page, for --help."""
+    cls = config_class(command)
+    union = [] if isinstance(cls, type) else typing.get_args(typing.get_args(cls)[0])  # evaluate: one per task
+    members = [typing.get_args(member)[0] for member in union] or [cls]
+    lines = [f"docs: docs/{DOCS.get(command, command + '.md')}", "", "config keys (YAML, or key=value overrides):"]
+    for member in members:
+        if union:
+            lines += ["", f"  with task: {typing.get_args(member.model_fields['task'].annotation)[0]}"]
+        for key in config_keys(member):
+            meaning = f"  {key.description}" if key.description else ""
+            lines.append(f"  {key.key}  [{key.type}; default {key.default}]{meaning}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmrefinery", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lmrefinery {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (_, resumable, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, epilog=_keys_help(name),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("--config", help="YAML config file")
         if resumable:
             command.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-        command.add_argument("overrides", nargs="*", metavar="key=value",
-                             help="dotted overrides applied on top of the file, e.g. output_dir=runs/x")
+        if name == "calibration":  # lm-eval's samples files, positional like lm-eval's own outputs are passed around
+            command.add_argument("overrides", nargs="*", metavar="FILE | key=value",
+                                 help="samples_<task>_<date>.jsonl files, and dotted overrides, e.g. output_dir=x")
+        else:
+            command.add_argument("overrides", nargs="*", metavar="key=value",
+                                 help="dotted overrides applied on top of the file, e.g. output_dir=runs/x")
         if name == "evaluate":
-            command.add_argument("--task", choices=["loss", "mcq", "exact_match"], help="shorthand for task=...")
+            command.add_argument("--task", choices=list(EVALUATE_TASKS), help="shorthand for task=...")
         if name == "demo":
             command.add_argument("--preset", choices=["quick", "default"], help="shorthand for preset=...")
     return parser
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging()
     overrides = list(args.overrides)
+    if args.command == "calibration":
+        files = [item for item in overrides if "=" not in item]
+        overrides = [item for item in overrides if "=" in item] + ([f"samples={json.dumps(files)}"] if files else [])
     for flag in ("task", "preset"):
         if getattr(args, flag, None):
             overrides.append(f"{flag}={getattr(args, flag)}")
@@ -76,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmrefinery {args.command}: training diverged: {exc}; the last complete checkpoint is kept",
               file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        print(f"lmrefinery {args.command}: error: {exc.filename or 'a file'}: cannot write ({exc.strerror}); "
+              f"outputs written before it are intact", file=sys.stderr)
+        return UserError.exit_code
     finally:
+        release_run_locks()
         teardown_distributed()
     return 0
 

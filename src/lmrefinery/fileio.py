@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from lmrefinery.errors import UserError
+
 
 def _temp_sibling(path: Path, is_dir: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +53,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def output_directory(path: str | os.PathLike) -> Path:
+    """`path` as a directory to write into: refused (exit 2) when a file is in the way."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: output_dir exists and is a file, not a directory")
+    return path
+
+
 def remove_temporaries(directory: str | os.PathLike) -> None:
     """Delete leftovers of atomic writes interrupted by a kill (names start with '.' and contain '.tmp-')."""
     directory = Path(directory)
@@ -59,3 +69,12 @@ def remove_temporaries(directory: str | os.PathLike) -> None:
     for child in directory.iterdir():
         if child.name.startswith(".") and ".tmp-" in child.name:
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def cache_root() -> Path:
+    """Where lmrefinery keeps what it can rebuild (the embedded model, tokenised pools): $LMREFINERY_CACHE, else
+    $XDG_CACHE_HOME/lmrefinery, else ~/.cache/lmrefinery."""
+    if os.environ.get("LMREFINERY_CACHE"):
+        return Path(os.environ["LMREFINERY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lmrefinery"

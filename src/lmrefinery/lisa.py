@@ -25,6 +25,10 @@ def _tied_embedding(model: nn.Module) -> bool:
 
 
 class LISA:
+    """Layerwise importance sampling for an optimizer built over all of `model`'s parameters: `layers` decoder blocks
+    trainable at a time, redrawn every `interval` steps (call `step()` after each optimizer step); the optimizer state
+    of switched-off blocks is freed. `state_dict()` / `load_state_dict()` resume the same draws."""
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layers: int = 2, interval: int = 20,
                  train_embeddings: bool = True, train_head: bool = True, keep_state: bool = False, seed: int = 0,
                  state: dict | None = None):

@@ -37,6 +37,20 @@ def line_plot(path: str | os.PathLike, steps: list[int], series: dict[str, list[
     return save_figure(figure, path)
 
 
+def loss_plot(path: str | os.PathLike, train: tuple[list[int], list[float]],
+              validation: tuple[list[int], list[float]] | None, title: str) -> Path:
+    """Training loss per step and, when there is one, the validation loss at its evaluation steps."""
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    axes.plot(*train, label="training loss", linewidth=1.2, alpha=0.8)
+    if validation is not None and validation[0]:
+        axes.plot(*validation, "o-", label="validation loss", linewidth=1.6)
+    axes.set(title=title, xlabel="step", ylabel="loss")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def bar_panels(path: str | os.PathLike, labels: list[str], panels: dict[str, list], title: str) -> Path:
     """One bar chart per metric, side by side, the same methods (labels) on each; missing values (NaN) are left out.
     A panel's values may be (value, low, high) triples: the bars then carry their confidence intervals."""

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lmrefinery.errors import TrainingDiverged
-from lmrefinery.train.losses import clip_gradients
+from lmrefinery.train.losses import clip_gradients, guarded_step
 from lmrefinery.train.optim import build_optimizer, lr_multiplier
 
 TrainLossFn = Callable[[nn.Module, object], tuple[torch.Tensor, torch.Tensor]]
@@ -60,6 +60,12 @@ def weight_gradient(weights: torch.Tensor, lower_means: torch.Tensor, upper_mean
 
 
 class ScaleBiO:
+    """ScaleBiO on any nn.Module: `model` is w (a copy becomes u unless `lower_model` is given), `num_sources` the
+    number of data sources. `train_loss_fn(model, batch) -> (per-example losses, source ids)` and
+    `val_loss_fn(model, batch) -> scalar` define the two levels; `step(train_batch, val_batch)` takes one step of all
+    three variables and returns its metrics; `weights` are the current source weights softmax(λ).
+    Learning rates, α/τ continuation, schedule and clipping follow spec/scalebio.md (see the module docstring)."""
+
     def __init__(self, model: nn.Module, num_sources: int, train_loss_fn: TrainLossFn, val_loss_fn: ValLossFn, *,
                  alpha: float = 100.0, tau: float = 1.0, rounds: int = 1,
                  lr_lower: float = 1e-5, lr_upper: float = 1e-5, lr_weights: float = 1e-2,
@@ -197,9 +203,8 @@ class ScaleBiO:
             for optimizer in (self.lower_optimizer, self.upper_optimizer, self.weights_optimizer):
                 optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"ScaleBiO step {step + 1}: non-finite values {metrics}")
-        self.lower_optimizer.step()
-        self.upper_optimizer.step()
-        self.weights_optimizer.step()
+        for optimizer in (self.lower_optimizer, self.upper_optimizer, self.weights_optimizer):
+            guarded_step(optimizer, step + 1)
         self.steps_done += 1
         return metrics
 

@@ -4,22 +4,35 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
-from lmrefinery.config.loading import StrictModel
-from lmrefinery.config.sections import (CalibrationSettings, ComputeConfig, DataConfig, LISAConfig, ModelConfig,
-                                        RunConfig, SamplingConfig, ScheduleConfig, SourceConfig, SourcesConfig,
-                                        TrainConfig, ValidationConfig, unique_source_names)
+from lmrefinery.config.loading import StrictModel, path_field
+from lmrefinery.config.sections import (CalibrationSettings, ComputeConfig, DataConfig, LISAConfig, LoRAConfig,
+                                        ModelConfig, RunConfig, SamplingConfig, ScheduleConfig, SourceListConfig,
+                                        SourcesConfig, TrackingConfig, TrainConfig, ValidationConfig)
 
 
-class SFTConfig(RunConfig):
-    model: ModelConfig
-    data: DataConfig
-    sampling: SamplingConfig = SamplingConfig()
-    validation: ValidationConfig | None = None
-    train: TrainConfig = TrainConfig()
-    lisa: LISAConfig = LISAConfig()
-    save_model: bool = Field(True, description="Write the final model (+ tokenizer) in HF format to output_dir/model.")
+class AdaptersOrLayers(StrictModel):
+    """A trained model's parameter-efficient options: LISA (full parameters, a few blocks at a time) or LoRA."""
+
+    lisa: LISAConfig = Field(LISAConfig(), description="Layerwise importance sampled AdamW (docs/lisa.md).")
+    lora: LoRAConfig = Field(LoRAConfig(), description="LoRA adapters on a frozen base (docs/lora.md).")
+
+    @model_validator(mode="after")
+    def _one_of_lisa_and_lora(self):
+        if self.lisa.enabled and self.lora.enabled:
+            raise ValueError("lisa.enabled and lora.enabled: choose one (LISA trains full blocks, LoRA adapters)")
+        return self
+
+
+class SFTConfig(RunConfig, TrackingConfig, AdaptersOrLayers):
+    model: ModelConfig = Field(description="The model to fine-tune.")
+    data: DataConfig = Field(description="The training sources and how to tokenise them (docs/data.md).")
+    sampling: SamplingConfig = Field(SamplingConfig(), description="How batches draw from the sources.")
+    validation: ValidationConfig | None = Field(None, description="Held-out loss during training (optional).")
+    train: TrainConfig = Field(TrainConfig(), description="Schedule and optimizer.")
+    save_model: bool = Field(True, description="Write the final model (+ tokenizer) in HF format to output_dir/model "
+                                               "(with LoRA: the adapter to output_dir/adapter).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε: each token's loss is (1 − ε)·CE + ε·mean over "
                                                                  "the vocabulary of −log p.")
 
@@ -42,30 +55,31 @@ class ScaleBiOConfig(StrictModel):
 
 class ReweightTrainConfig(ScheduleConfig):
     val_batch_size: int = Field(8, ge=1, description="Global validation batch per step (all processes).")
+    sampling: Literal["pooled", "stratified"] = Field(
+        "pooled", description="'pooled': training batches drawn uniformly from all examples (the paper's); "
+                              "'stratified': a fixed share per source in every batch (small sources always present).")
 
 
-class ReweightConfig(RunConfig):
-    model: ModelConfig
-    data: DataConfig
+class ReweightConfig(RunConfig, TrackingConfig, AdaptersOrLayers):
+    model: ModelConfig = Field(description="The model whose two copies (u, w) are trained.")
+    data: DataConfig = Field(description="The candidate sources to weigh.")
     validation: ValidationConfig = Field(description="The target: a small validation set (sources pooled).")
-    scalebio: ScaleBiOConfig = ScaleBiOConfig()
-    train: ReweightTrainConfig = ReweightTrainConfig()
-    lisa: LISAConfig = Field(LISAConfig(), description="LISA on u and w, with independent layer draws.")
-    save_upper_model: bool = Field(False, description="Also write w (the upper-level model) in HF format.")
+    scalebio: ScaleBiOConfig = Field(ScaleBiOConfig(), description="The bilevel method's settings.")
+    train: ReweightTrainConfig = Field(ReweightTrainConfig(), description="Schedule and batches.")
+    save_upper_model: bool = Field(False, description="Also write w (the upper-level model) in HF format (with "
+                                                      "LoRA: w's adapter, to upper_adapter/).")
 
 
 class MixConfig(RunConfig):
-    sources: list[SourceConfig] = Field(min_length=1, description="The sources the weights name.")
-    weights: dict[str, float] | str = Field(description="{source: weight} or a weights.json path (from reweight).")
+    data: SourceListConfig = Field(description="The sources the weights name (conversation formats).")
+    weights: dict[str, float] | str = path_field(description="{source: weight} or a weights.json path (from "
+                                                             "reweight).")
     num_examples: int = Field(ge=1, description="N: size of the mixture.")
-    on_bad_record: Literal["error", "skip"] = Field("error", description="As data.on_bad_record.")
-
-    _unique = field_validator("sources")(unique_source_names)
 
 
 class TeacherConfig(RunConfig):
     model: ModelConfig = Field(description="The fine-tuned teacher.")
-    data: DataConfig
+    data: DataConfig = Field(description="The data to cache (the students' training data, or held-out data).")
     k: int = Field(5, ge=1, le=64, description="Top-k token probabilities kept per response position.")
     batch_size: int = Field(8, ge=1, description="Examples per teacher forward pass.")
     shard_size: int = Field(256, ge=1, description="Examples per cache shard (the unit of resume).")
@@ -73,8 +87,8 @@ class TeacherConfig(RunConfig):
 
 
 class CalibrateConfig(CalibrationSettings):
-    output_dir: str = Field(description="Where calibration.json and the reliability diagrams go.")
-    cache: str = Field(description="A teacher cache of held-out data (not the distillation training data).")
+    output_dir: str = path_field(description="Where calibration.json and the reliability diagrams go.")
+    cache: str = path_field(description="A teacher cache of held-out data (not the distillation training data).")
 
 
 class StudentConfig(ComputeConfig):
@@ -86,7 +100,8 @@ class StudentConfig(ComputeConfig):
 
     init: Literal["model", "keep-layers"] = Field(
         "keep-layers", description="'model': load name_or_path; 'keep-layers': a subset of the teacher's blocks.")
-    name_or_path: str | None = Field(None, description="init 'model': the student (hub id, directory or alias).")
+    name_or_path: str | None = path_field(None, description="init 'model': the student (hub id, directory or alias).",
+                                          resolve="if_exists")
     keep_every: int = Field(3, ge=1, description="keep-layers: keep blocks 0, n, 2n, …")
     keep_layers: list[int] | None = Field(None, description="keep-layers: explicit block indices instead.")
 
@@ -105,7 +120,7 @@ class DistillLossConfig(StrictModel):
     teacher_transform: Literal["linear", "prob_temperature", "logit_temperature"] = Field(
         "prob_temperature", description="How the cached top-k become the target distribution.")
     temperature: float | None = Field(None, gt=0, description="c or T; default: from `calibration`, else 1.0.")
-    calibration: str | None = Field(None, description="calibration.json from `lmrefinery calibrate`.")
+    calibration: str | None = path_field(None, description="calibration.json from `lmrefinery calibrate`.")
     other_bucket: bool = Field(False, description="Add a k+1-th bucket: the mass outside the teacher's top-k.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε of probability-space smoothing of the target.")
     reduction: Literal["token_mean", "sequence_sum"] = Field(
@@ -114,30 +129,38 @@ class DistillLossConfig(StrictModel):
     online_temperature: float = Field(1.0, gt=0, description="Softmax temperature of online KD (loss × T²).")
 
 
-class DistillConfig(RunConfig):
-    cache: str = Field(description="The teacher cache of the training data (`lmrefinery teacher`).")
-    student: StudentConfig = StudentConfig()
-    loss: DistillLossConfig = DistillLossConfig()
-    sampling: SamplingConfig = SamplingConfig()
-    validation: ValidationConfig | None = None
-    train: TrainConfig = TrainConfig()
-    lisa: LISAConfig = LISAConfig()
-    save_model: bool = Field(True, description="Write the final student in HF format to output_dir/model.")
+class DistillConfig(RunConfig, TrackingConfig, AdaptersOrLayers):
+    cache: str = path_field(description="The teacher cache of the training data (`lmrefinery teacher`).")
+    student: StudentConfig = Field(StudentConfig(), description="The student's init and compute settings.")
+    loss: DistillLossConfig = Field(DistillLossConfig(), description="The distillation loss.")
+    sampling: SamplingConfig = Field(SamplingConfig(), description="How batches draw from the cached sources.")
+    validation: ValidationConfig | None = Field(None, description="Held-out loss during training (optional).")
+    train: TrainConfig = Field(TrainConfig(), description="Schedule and optimizer.")
+    save_model: bool = Field(True, description="Write the final student in HF format to output_dir/model (with "
+                                               "LoRA: the adapter to output_dir/adapter).")
+
+    @model_validator(mode="after")
+    def _keep_layers_adapters_are_merged(self):
+        # a keep-layers student exists only inside this run: an adapter saved alone would name a base nobody has
+        if self.lora.enabled and self.student.init == "keep-layers" and self.save_model and not self.lora.merge:
+            raise ValueError("lora with student.init keep-layers: set lora.merge: true (the kept-blocks base model "
+                             "is not saved anywhere else, so the adapter alone could not be loaded)")
+        return self
 
 
 class _EvaluateCommon(RunConfig):
-    model: ModelConfig
+    model: ModelConfig = Field(description="The model to score.")
     batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
 
 
 class LossEvaluateConfig(_EvaluateCommon):
-    task: Literal["loss"] = "loss"
+    task: Literal["loss"] = Field("loss", description="Token-mean loss, perplexity, next-token calibration.")
     data: DataConfig = Field(description="The sources to score, tokenised as in training.")
     n_bins: int = Field(10, ge=2, description="Bins of the next-token ECE.")
 
 
 class MCQEvaluateConfig(_EvaluateCommon):
-    task: Literal["mcq"]
+    task: Literal["mcq"] = Field(description="Multiple-choice accuracy and calibration.")
     data: SourcesConfig = Field(description="Multiple-choice item files (docs/evaluate.md).")
     n_bins: int = Field(10, ge=2, description="Calibration bins.")
     temperature: float = Field(1.0, gt=0, description="Divide the logits by T before the softmax (post-hoc "
@@ -145,25 +168,52 @@ class MCQEvaluateConfig(_EvaluateCommon):
 
 
 class ExactMatchEvaluateConfig(_EvaluateCommon):
-    task: Literal["exact_match"]
+    task: Literal["exact_match"] = Field(description="Greedy answers scored against references.")
     data: SourcesConfig = Field(description="Conversations whose last turn is the reference answer.")
     max_new_tokens: int = Field(32, ge=1, description="Greedy decoding length.")
 
 
+class LMEvalEvaluateConfig(_EvaluateCommon):
+    task: Literal["lm-eval"] = Field(description="lm-evaluation-harness tasks, plus calibration of the "
+                                                 "multiple-choice ones.")
+    tasks: list[str] = path_field(description="lm-eval task names, or task YAML files (their relative data paths "
+                                              "are read beside the YAML).", resolve="if_exists", min_length=1)
+    include_path: str | None = path_field(None, description="A directory of extra lm-eval task YAMLs.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; default: each task's own.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N documents of each task.")
+    apply_chat_template: bool = Field(False, description="Wrap each prompt in the model's chat template.")
+    n_bins: int = Field(10, ge=2, description="Calibration bins.")
+
+
+EVALUATE_TASKS = ("loss", "mcq", "exact_match", "lm-eval")
+
+
 def _evaluate_task(tree) -> str:
     task = tree.get("task", "loss") if isinstance(tree, dict) else getattr(tree, "task", "loss")
-    return task if task in ("loss", "mcq", "exact_match") else "loss"
+    return task if task in EVALUATE_TASKS else "loss"
 
 
 EvaluateConfig = Annotated[Union[Annotated[LossEvaluateConfig, Tag("loss")],
                                  Annotated[MCQEvaluateConfig, Tag("mcq")],
-                                 Annotated[ExactMatchEvaluateConfig, Tag("exact_match")]],
+                                 Annotated[ExactMatchEvaluateConfig, Tag("exact_match")],
+                                 Annotated[LMEvalEvaluateConfig, Tag("lm-eval")]],
                            Discriminator(_evaluate_task)]
 
 
+class CalibrationReportConfig(StrictModel):
+    samples: list[str] = path_field(description="lm-eval --log_samples files (samples_<task>_<date>.jsonl).",
+                                    min_length=1)
+    output_dir: str = path_field("calibration-report", description="Where calibration.json and plots/ go.")
+    n_bins: int = Field(10, ge=2, description="Calibration bins.")
+    target_delimiter: str = Field(" ", description="The tasks' target_delimiter (lm-eval's default ' '): removed "
+                                                   "from each continuation to get the choice whose length "
+                                                   "acc_norm divides by.")
+
+
 class DemoConfig(StrictModel):
-    output_dir: str = Field("demo-out", description="Everything the demo writes.")
+    output_dir: str = path_field("demo-out", description="Everything the demo writes.")
     preset: Literal["quick", "default"] = Field("default", description="Sizes: 'quick' (≈ 3 min) or 'default'.")
     seed: int = Field(0, description="Seeds the data and every stage.")
-    model: str = Field("smollm2-135m-instruct", description="The model both stories start from.")
+    model: str = path_field("smollm2-135m-instruct", description="The model both stories start from.",
+                            resolve="if_exists")
     max_length: int | None = Field(None, ge=32, description="Token limit per example; default: the preset's.")

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmrefinery.config.commands import ReweightTrainConfig, ScaleBiOConfig, StudentConfig
-from lmrefinery.config.loading import StrictModel
+from lmrefinery.config.loading import StrictModel, path_field
 from lmrefinery.config.sections import (CalibrationSettings, LISAConfig, ModelConfig, SourceConfig, TrainConfig,
                                         unique_source_names)
 
@@ -62,7 +62,7 @@ class MixtureCompareConfig(StrictModel):
 
 
 class TeacherSpec(StrictModel):
-    name_or_path: str = Field(description="The teacher model (hub id, directory or alias).")
+    name_or_path: str = path_field(description="The teacher model (hub id, directory or alias).", resolve="if_exists")
     finetune_steps: int | None = Field(None, ge=1, description="First fine-tune it on the training conversations "
                                                                 "for this many steps (a shared stage).")
     finetune_lr: float | None = Field(None, ge=0, description="Its learning rate; default: train.lr.")
@@ -75,11 +75,12 @@ class DistillCompareConfig(StrictModel):
     teacher: TeacherSpec
     train: list[SourceConfig] | None = Field(None, min_length=1, description="Conversations the students learn "
                                                                               "from (filled in by demo_data).")
-    validation_items: str | None = Field(None, description="Held-out multiple-choice items: FIRST's calibration "
-                                                            "cache and the post-hoc temperature are fitted on them.")
-    test_items: str | None = Field(None, description="In-domain multiple-choice items every model is scored on.")
-    ood_test_items: str | None = Field(None, description="Out-of-domain multiple-choice items (another task family) "
-                                                         "every model is also scored on.")
+    validation_items: str | None = path_field(None, description="Held-out multiple-choice items: FIRST's "
+                                                                 "calibration cache and the post-hoc temperature are "
+                                                                 "fitted on them.")
+    test_items: str | None = path_field(None, description="In-domain multiple-choice items every model is scored on.")
+    ood_test_items: str | None = path_field(None, description="Out-of-domain multiple-choice items (another task "
+                                                              "family) every model is also scored on.")
     max_length: int = Field(1024, ge=8, description="Token limit per training example.")
     student: StudentConfig = Field(StudentConfig(), description="Every student's init (the same for all methods).")
     k: int = Field(5, ge=1, le=64, description="Top-k of the teacher cache.")
@@ -92,7 +93,7 @@ class DistillCompareConfig(StrictModel):
 
 
 class CompareConfig(StrictModel):
-    output_dir: str = Field("compare-out", description="Everything goes here; rerun the same command to resume.")
+    output_dir: str = path_field("compare-out", description="Everything goes here; rerun the same command to resume.")
     seeds: list[int] = Field([0], min_length=1, description="Every method runs once per seed (training order, "
                                                              "sampling, selection randomness); results are pooled "
                                                              "over seeds × test items.")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmrefinery.config.loading import StrictModel
+from lmrefinery.config.loading import StrictModel, path_field
 
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text2text", "text"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -20,10 +20,18 @@ Attention = Literal["eager", "sdpa", "flash_attention_2"]
 class RunConfig(StrictModel):
     """What every command that writes a run has."""
 
-    output_dir: str = Field(description="Where the command writes. A training command refuses a directory that "
-                                        "already holds a run unless --resume is given.")
+    output_dir: str = path_field(description="Where the command writes. A training command refuses a directory that "
+                                             "already holds a run unless --resume is given.")
     seed: int = Field(0, description="Seeds data order, sampling, LISA draws and initialisation noise: a run is "
                                      "deterministic for a seed.")
+
+
+class TrackingConfig(StrictModel):
+    """Where a training run's metrics are also sent (metrics.jsonl is always written)."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log scalars per step and the plots at the end to TensorBoard "
+                                          "(output_dir/tensorboard) and/or Weights & Biases (offline by default).")
 
 
 class ComputeConfig(StrictModel):
@@ -37,9 +45,13 @@ class ComputeConfig(StrictModel):
 
 
 class ModelConfig(ComputeConfig):
-    name_or_path: str = Field(description="Hugging Face hub id, local directory, or a built-in alias such as "
-                                          "'smollm2-135m-instruct'.")
-    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from the model's.")
+    name_or_path: str = path_field(description="Hugging Face hub id, local directory, or a built-in alias such as "
+                                               "'smollm2-135m-instruct'.", resolve="if_exists")
+    load_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Weights in memory. Training keeps fp32 masters (bf16 compute comes from precision); "
+                               "bfloat16 halves a teacher's or an evaluated model's memory (teacher, evaluate).")
+    tokenizer: str | None = path_field(None, description="Tokenizer location when it differs from the model's.",
+                                       resolve="if_exists")
     trust_remote_code: bool = Field(False, description="Let transformers run the model repository's own code.")
     device_map: str | None = Field(None, description="Inference only (teacher, evaluate): e.g. 'auto' spreads a large "
                                                       "model over the local GPUs (needs accelerate).")
@@ -47,7 +59,12 @@ class ModelConfig(ComputeConfig):
 
 class SourceConfig(StrictModel):
     name: str = Field(description="Name recorded in every output (weights, metrics, reports).")
-    path: str = Field(description=".json, .jsonl, .parquet file or a datasets save_to_disk directory.")
+    path: str = path_field(description=".json, .jsonl, .parquet file, a datasets save_to_disk directory, a directory "
+                                       "of data files or a Hugging Face dataset id (read with datasets.load_dataset).",
+                           resolve="if_exists")
+    split: str | None = Field(None, description="With a dataset id or a directory of data files: the split (default "
+                                                "train).")
+    subset: str | None = Field(None, description="With a dataset id: the configuration (subset) name.")
     format: DataFormat = Field("auto", description="Record format; 'auto' detects it from the first record.")
     limit: int | None = Field(None, ge=1, description="Use only the first N records.")
 
@@ -60,16 +77,21 @@ def unique_source_names(sources: list[SourceConfig] | None) -> list[SourceConfig
     return sources
 
 
-class SourcesConfig(StrictModel):
-    """Files to read and how to read them (the evaluation tasks that score items rather than tokenised examples)."""
+class SourceListConfig(StrictModel):
+    """Files to read, record by record (`mix`)."""
 
     sources: list[SourceConfig] = Field(min_length=1, description="Named data files.")
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="'error' stops at the first bad record (exit 2); 'skip' leaves it out and counts it.")
-    system_prompt: str | None = Field(
-        None, description="System message for conversations that have none; None leaves the chat template's default.")
 
     _unique = field_validator("sources")(unique_source_names)
+
+
+class SourcesConfig(SourceListConfig):
+    """Files whose conversations a model reads (the evaluation tasks that score items rather than tokens)."""
+
+    system_prompt: str | None = Field(
+        None, description="System message for conversations that have none; None leaves the chat template's default.")
 
 
 class DataConfig(SourcesConfig):
@@ -78,14 +100,18 @@ class DataConfig(SourcesConfig):
     max_length: int = Field(1024, ge=8, description="Token limit per example.")
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="'truncate' cuts examples at max_length from the right; 'drop' leaves them out.")
+    cache: bool = Field(True, description="Keep each local source's tokenised examples on disk (datasets/Arrow, under "
+                                          "$LMREFINERY_CACHE/pools) and reuse them while files, tokenizer and these "
+                                          "settings are unchanged.")
 
 
 class SamplingConfig(StrictModel):
-    strategy: Literal["uniform", "proportional", "weights"] = Field(
+    strategy: Literal["uniform", "proportional", "weights", "stratified"] = Field(
         "proportional",
         description="'proportional': shuffled passes over the pooled examples; 'uniform': each source equally "
-                    "often; 'weights': sources drawn by the given weights.")
-    weights: dict[str, float] | str | None = Field(
+                    "often; 'weights': sources drawn by the given weights; 'stratified': a fixed, equal share of "
+                    "every batch per source.")
+    weights: dict[str, float] | str | None = path_field(
         None, description="With strategy 'weights': a {source: weight} mapping or a path to a weights.json file.")
 
     @model_validator(mode="after")
@@ -122,6 +148,9 @@ class OptimizerConfig(StrictModel):
 class TrainConfig(ScheduleConfig, OptimizerConfig):
     """The schedule and the optimizer of a single model (sft, distill)."""
 
+    keep_best: bool = Field(False, description="With validation: checkpoint at every new best validation loss, keep "
+                                               "that checkpoint, and save its weights as the final model.")
+
 
 class LISAConfig(StrictModel):
     enabled: bool = Field(False, description="Train only `layers` decoder blocks at a time, switching every "
@@ -131,6 +160,19 @@ class LISAConfig(StrictModel):
     train_embeddings: bool = Field(True, description="Keep the input embedding trainable.")
     train_head: bool = Field(True, description="Keep the LM head trainable (must equal train_embeddings when tied).")
     keep_state: bool = Field(False, description="Keep AdamW state of deactivated blocks (memory comparison only).")
+
+
+class LoRAConfig(StrictModel):
+    """Low-rank adapters (peft's LoRA) on a frozen base model: only the adapters and their AdamW state train."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of the full model (docs/lora.md).")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the adapter's output is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: names (e.g. [q_proj, v_proj]) or 'all-linear' (every "
+                                  "linear layer but the output head).")
+    merge: bool = Field(False, description="Also write base + adapters merged into one plain HF model.")
 
 
 class ValidationConfig(StrictModel):

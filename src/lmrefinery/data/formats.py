@@ -91,6 +91,10 @@ def _turn_list(fields: dict, key: str, role_key: str, text_key: str, location: s
 def _check_roles(messages: tuple[Message, ...], location: str) -> Conversation:
     if not messages:
         raise BadRecord(location, "conversation has no turns")
+    empty = [index for index, m in enumerate(messages) if m.role == "assistant" and not m.content.strip()]
+    if empty:
+        raise BadRecord(location, f"assistant turn {empty[0]} is empty: there is nothing to learn in it but the "
+                                  f"end-of-turn token")
     if any(m.role == "system" for m in messages[1:]):
         raise BadRecord(location, "a system turn is only allowed first")
     if not any(m.role == "assistant" for m in messages):
@@ -114,8 +118,8 @@ def parse_record(fields: object, fmt: str, location: str) -> Example:
         system = _string(fields, "system", location, optional=True)
         turns = ((Message("system", system),) if system else ()) + (
             Message("user", prompt), Message("assistant", _string(fields, "output", location)))
-        return Conversation(turns)
+        return _check_roles(turns, location)
     if fmt == "text2text":
-        return Conversation((Message("user", _string(fields, "input", location)),
-                             Message("assistant", _string(fields, "output", location))))
+        return _check_roles((Message("user", _string(fields, "input", location)),
+                             Message("assistant", _string(fields, "output", location))), location)
     raise ValueError(f"unknown format {fmt!r}")

@@ -38,11 +38,20 @@ def _answer_index(value, letters: list[str], location: str) -> int:
     raise BadRecord(location, f"'answer' must be one of {letters} or an index, got {value!r}")
 
 
+def _check_letters(letters: list[str], location: str) -> list[str]:
+    if len(letters) < 2:
+        raise BadRecord(location, f"a multiple-choice item needs at least 2 options, got {len(letters)}")
+    repeated = sorted({letter for letter in letters if letters.count(letter) > 1})
+    if repeated:
+        raise BadRecord(location, f"option letters must be distinct (ignoring case); repeated: {repeated}")
+    return letters
+
+
 def parse_item(fields: object, location: str) -> MCQItem:
     if not isinstance(fields, dict) or "answer" not in fields:
         raise BadRecord(location, "expected an object with 'answer' and either 'question'+'options' or 'prompt'")
     if "prompt" in fields:
-        letters = [str(x).upper() for x in fields.get("letters", list("ABCD"))]
+        letters = _check_letters([str(x).upper() for x in fields.get("letters", list("ABCD"))], location)
         if not isinstance(fields["prompt"], str):
             raise BadRecord(location, "'prompt' must be a string")
         return MCQItem(location, fields["prompt"], letters, _answer_index(fields["answer"], letters, location))
@@ -53,6 +62,7 @@ def parse_item(fields: object, location: str) -> MCQItem:
         letters, texts = list(string.ascii_uppercase[: len(options)]), [str(o) for o in options]
     else:
         raise BadRecord(location, "'options' must be a non-empty list or a {letter: text} object")
+    _check_letters(letters, location)
     if not isinstance(fields.get("question"), str):
         raise BadRecord(location, "missing string field 'question'")
     listing = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts))
@@ -60,9 +70,10 @@ def parse_item(fields: object, location: str) -> MCQItem:
     return MCQItem(location, prompt, letters, _answer_index(fields["answer"], letters, location))
 
 
-def load_items(path: str, on_bad_record: str = "error") -> list[MCQItem]:
+def load_items(path: str, on_bad_record: str = "error", split: str | None = None,
+               subset: str | None = None) -> list[MCQItem]:
     items = []
-    for record in read_records(path):
+    for record in read_records(path, split, subset):
         try:
             if isinstance(record, BadRecord):
                 raise record

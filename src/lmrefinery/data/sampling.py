@@ -4,6 +4,9 @@
   proportion to their sizes.
 - uniform / weights: each slot of a batch picks a source by its probability, then the next example of that source's
   own shuffled pass (without replacement within a pass; a new shuffle when a source runs out).
+- stratified: every batch holds a fixed share of each source — batch / K each, the remainder of an uneven division
+  going to the sources in turn — taken from each source's own shuffled pass. With a loss normalised per source
+  (ScaleBiO's p_i / N_i) this changes no expectation, and a small source is in every batch instead of a few.
 
 The state (`step` and per-source cursors) is the data position saved in checkpoints.
 """
@@ -11,6 +14,7 @@ The state (`step` and per-source cursors) is the data position saved in checkpoi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -57,6 +61,8 @@ def source_probabilities(sampling: SamplingConfig, names: list[str], sizes: list
         raise UserError(f"{origin}: weights must name exactly the configured sources {names}; "
                         f"missing {missing}, unknown {unknown}")
     values = [weights[n] for n in names]
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{origin}: weights must be finite numbers, got {values}")
     if any(v < 0 for v in values) or sum(values) <= 0:
         raise UserError(f"{origin}: weights must be non-negative with a positive sum, got {values}")
     return [v / sum(values) for v in values]
@@ -64,32 +70,50 @@ def source_probabilities(sampling: SamplingConfig, names: list[str], sizes: list
 
 class MixtureSampler:
     def __init__(self, source_indices: list[list[int]], probabilities: list[float], batch_size: int, seed: int,
-                 pooled: bool):
+                 pooled: bool, stratified: bool = False):
         self.source_indices = source_indices
         self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
         self.batch_size = batch_size
         self.seed = seed
-        self.pooled = pooled
+        self.pooled, self.stratified = pooled, stratified
         self.pool = [i for indices in source_indices for i in indices]
         self.step = 0
         self.cursors = [0] * len(source_indices)  # examples drawn so far from each source (pooled: index 0 only)
+        # each stream's current pass (epoch, shuffled order): derived from (seed, stream, epoch), so it is not state,
+        # and computed once per pass — a draw costs O(1), not a new permutation of the whole pool
+        self._passes: dict[int, tuple[int, list[int]]] = {}
 
     @classmethod
     def build(cls, sampling: SamplingConfig, names: list[str], source_indices: list[list[int]], batch_size: int,
               seed: int) -> "MixtureSampler":
         sizes = [len(indices) for indices in source_indices]
+        if sampling.strategy == "stratified":
+            return cls(source_indices, [1.0 / len(sizes)] * len(sizes), batch_size, seed, pooled=False,
+                       stratified=True)
         return cls(source_indices, source_probabilities(sampling, names, sizes), batch_size, seed,
                    pooled=sampling.strategy == "proportional")
 
     def _draw(self, stream: int, items: list[int], cursor: int) -> int:
         epoch, offset = divmod(cursor, len(items))
-        return items[_permutation(len(items), self.seed, stream, epoch)[offset]]
+        current = self._passes.get(stream)
+        if current is None or current[0] != epoch:
+            current = self._passes[stream] = (epoch, _permutation(len(items), self.seed, stream, epoch))
+        return items[current[1][offset]]
 
     def next_batch(self) -> list[int]:
         """Indices into the pool for the next global batch."""
         if self.pooled:
             batch = [self._draw(0, self.pool, self.cursors[0] + j) for j in range(self.batch_size)]
             self.cursors[0] += self.batch_size
+        elif self.stratified:
+            sources = len(self.source_indices)
+            base, extra = divmod(self.batch_size, sources)
+            batch = []
+            for source in range(sources):
+                count = base + (1 if (source - self.step * extra) % sources < extra else 0)
+                batch += [self._draw(source + 1, self.source_indices[source], self.cursors[source] + j)
+                          for j in range(count)]
+                self.cursors[source] += count
         else:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 104_729 * (self.step + 1))
             choices = torch.multinomial(self.probabilities, self.batch_size, replacement=True, generator=generator)

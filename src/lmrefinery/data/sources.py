@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from lmrefinery.config import DataConfig, SourceConfig
 from lmrefinery.data.files import BadRecord, read_records
 from lmrefinery.data.formats import Conversation, detect_format, parse_record
+from lmrefinery.data.pool_cache import load_cached, source_key, store
 from lmrefinery.data.tokenize import IGNORE_INDEX, ChatEncoder
 from lmrefinery.errors import UserError
 
@@ -80,10 +81,32 @@ def _fit_length(input_ids: list[int], labels: list[int], data: DataConfig, stats
 
 def load_source(spec: SourceConfig, source_id: int, encoder: ChatEncoder, data: DataConfig) -> tuple[
         list[TokenizedExample], SourceStats]:
+    """The source's examples and statistics: from the pool cache when this source was tokenised before with the same
+    files, tokenizer and settings (data/pool_cache.py), else read and tokenised now (and cached)."""
+    key = source_key(spec, encoder.fingerprint, data) if data.cache else None
+    cached = load_cached(key) if key else None
+    if cached is not None:
+        input_ids, labels, records, stats = cached
+        stats = SourceStats(**{**stats, "name": spec.name, "path": spec.path})
+        log.info("source %s: %d tokenised examples from the cache", spec.name, len(input_ids))
+        if stats.skipped:
+            log.warning("source %s: skipped %d bad records, e.g. %s", spec.name, stats.skipped,
+                        stats.skip_reasons[0])
+        return [TokenizedExample(ids, labs, source_id, record)
+                for ids, labs, record in zip(input_ids, labels, records)], stats
+    examples, stats = _tokenise_source(spec, source_id, encoder, data)
+    if key:
+        store(key, [e.input_ids for e in examples], [e.labels for e in examples], [e.record for e in examples],
+              asdict(stats))
+    return examples, stats
+
+
+def _tokenise_source(spec: SourceConfig, source_id: int, encoder: ChatEncoder, data: DataConfig) -> tuple[
+        list[TokenizedExample], SourceStats]:
     stats = SourceStats(spec.name, spec.path)
     fmt = None if spec.format == "auto" else spec.format
     examples: list[TokenizedExample] = []
-    for item in read_records(spec.path):
+    for item in read_records(spec.path, spec.split, spec.subset):
         if spec.limit is not None and stats.records >= spec.limit:
             break
         stats.records += 1
@@ -133,7 +156,7 @@ def read_conversations(spec: SourceConfig, on_bad_record: str = "error") -> list
     """The source's records as `messages` conversations; with on_bad_record 'error', index i is record i."""
     fmt = None if spec.format == "auto" else spec.format
     records = []
-    for item in read_records(spec.path):
+    for item in read_records(spec.path, spec.split, spec.subset):
         if spec.limit is not None and len(records) >= spec.limit:
             break
         try:

@@ -17,6 +17,8 @@ by tokenising each piece on its own and concatenating the ids, so the boundary i
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from lmrefinery.data.files import BadRecord
@@ -49,6 +51,13 @@ class ChatEncoder:
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         bos = tokenizer.bos_token_id
         self._bos = [bos] if bos is not None and probe and probe[0] == bos else []
+
+    @property
+    def fingerprint(self) -> str:
+        """Of the tokenizer (computed once): part of the key of cached tokenised pools."""
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+        return self._fingerprint
 
     def encode(self, example: Example, location: str) -> Encoded:
         if isinstance(example, PlainText):
@@ -134,3 +143,12 @@ class ChatEncoder:
 def supervised_count(labels: list[int]) -> int:
     """Tokens that contribute to the loss: labels at positions 1.. (position 0 has no preceding token)."""
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever tokenised data could differ: vocabulary, special tokens, chat template."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    return digest.hexdigest()

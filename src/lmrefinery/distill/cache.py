@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,9 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lmrefinery.data.tokenize import tokenizer_fingerprint
 from lmrefinery.errors import UserError
-from lmrefinery.fileio import atomic_write_json
+from lmrefinery.fileio import atomic_write_json, atomic_write_text
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 HISTOGRAM_BINS = 1000
@@ -48,15 +51,6 @@ def vocabulary_fingerprint(tokenizer) -> str:
     """Of the token ↔ id map (added special tokens included): two tokenizers with equal fingerprints give every id
     the same meaning, whatever their chat templates."""
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever tokenised data could differ: vocabulary, special tokens, chat template."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    digest.update((getattr(tokenizer, "chat_template", None) or "").encode())
-    return digest.hexdigest()
 
 
 def examples_fingerprint(examples) -> str:
@@ -93,11 +87,19 @@ class ConcentrationStats:
         self.sums += other.sums
 
     def to_json(self) -> dict:
-        return {"histograms": self.histograms.tolist(), "sums": self.sums.tolist()}
+        """Sparse: per k, the [bin, count] pairs of the non-empty bins (a few dozen, not 1,000 zeros)."""
+        return {"histograms": [[[int(b), int(c)] for b, c in zip(np.nonzero(row)[0], row[np.nonzero(row)[0]])]
+                               for row in self.histograms], "sums": self.sums.tolist()}
 
     @classmethod
     def from_json(cls, data: dict) -> "ConcentrationStats":
-        return cls(np.asarray(data["histograms"], dtype=np.int64), np.asarray(data["sums"], dtype=np.float64))
+        histograms = np.zeros((len(STAT_KS), HISTOGRAM_BINS), dtype=np.int64)
+        for row, pairs in zip(histograms, data["histograms"]):
+            if pairs and not isinstance(pairs[0], list):  # the dense form of earlier versions
+                row[:] = pairs
+            for index, count in (pairs if pairs and isinstance(pairs[0], list) else []):
+                row[index] = count
+        return cls(histograms, np.asarray(data["sums"], dtype=np.float64))
 
     def summary(self) -> dict:
         """For k = 1..10: mean, median and 5th percentile of the top-k mass (percentiles to 1/1000)."""
@@ -127,7 +129,7 @@ def write_shard(directory: Path, index: int, ids: torch.Tensor, logprobs: torch.
     meta = {"file": final.name, "index": index, "first_example": first_example,
             "num_examples": int(offsets.numel() - 1), "positions": int(ids.shape[0]), "sha256": file_sha256(final),
             "provenance": provenance or {}, "stats": stats.to_json()}
-    atomic_write_json(directory / f"{name}.json", meta)
+    atomic_write_text(directory / f"{name}.json", json.dumps(meta, separators=(",", ":")) + "\n")
     return meta
 
 
@@ -171,7 +173,11 @@ def completed_shards(directory: Path, provenance: dict | None = None) -> dict[in
     given — that were made by the same teacher, k, shard size and examples (others are recomputed on resume)."""
     done = {}
     for meta_path in sorted(directory.glob("shard-*.json")):
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):  # torn by a crash: the shard is simply not complete
+            log.warning("%s: unreadable (torn by an interrupted write); its shard will be recomputed", meta_path)
+            continue
         tensor_path = directory / meta["file"]
         if provenance is not None and meta.get("provenance") != provenance:
             continue

@@ -17,8 +17,10 @@ def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
     raise ValueError("decoder block list has no parent module")
 
 
-def keep_layers(teacher: nn.Module, keep: list[int]) -> nn.Module:
-    """A copy of `teacher` with only the decoder blocks at indices `keep` (embeddings, final norm, head kept).
+def keep_layers(teacher: nn.Module, keep: list[int], in_place: bool = False) -> nn.Module:
+    """`teacher` with only the decoder blocks at indices `keep` (embeddings, final norm, head kept) — a copy, or with
+    `in_place=True` the teacher itself, cut down: no second full model in memory (a 13B teacher in fp32 is 52 GB;
+    a deep copy would hold two while the student is built).
 
     The config is updated (num_hidden_layers and any per-layer list such as layer_types), and each kept block's
     layer index is renumbered so caches and per-layer settings stay consistent; the result saves and loads with
@@ -27,7 +29,7 @@ def keep_layers(teacher: nn.Module, keep: list[int]) -> nn.Module:
     blocks = find_decoder_layers(teacher)
     if not keep or sorted(set(keep)) != sorted(keep) or min(keep) < 0 or max(keep) >= len(blocks):
         raise ValueError(f"keep_layers must be distinct block indices in [0, {len(blocks)}), got {keep}")
-    student = copy.deepcopy(teacher)
+    student = teacher if in_place else copy.deepcopy(teacher)
     student_blocks = find_decoder_layers(student)
     parent, attribute = _parent_of(student, student_blocks)
     kept = nn.ModuleList([student_blocks[i] for i in sorted(keep)])

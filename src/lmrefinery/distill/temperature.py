@@ -64,7 +64,11 @@ def score_temperature(logprobs: torch.Tensor, tails: torch.Tensor, targets: torc
 def search_temperature(logprobs: torch.Tensor, tails: torch.Tensor, targets: torch.Tensor, *,
                        transform: str = "prob_temperature", objective: str = "ece", n_bins: int = 10,
                        grid: list[float] | None = None, fine_step: float = 0.02) -> tuple[dict, dict[float, dict]]:
-    """The best temperature's scores and the whole searched curve {temperature: scores}."""
+    """FIRST's temperature search on held-out teacher predictions: `logprobs` [P, k] (the teacher's top-k
+    log-probabilities, best first), `tails` [P] (log of the mass outside them), `targets` [P] (the index of the true
+    token among the k, or k when it is outside). Returns the best temperature's scores (`temperature`, `ece`, `nll`,
+    `brier`, `accuracy`, ...) and the whole searched curve {temperature: scores}; see the module docstring for the
+    grid."""
     def evaluate(c: float) -> dict:
         return score_temperature(logprobs, tails, targets, transform, round(c, 4), n_bins)
 

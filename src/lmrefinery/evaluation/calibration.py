@@ -1,9 +1,16 @@
-"""Calibration metrics (spec/calibration.md): ECE, adaptive ECE, MCE, Brier, NLL, reliability diagrams.
+"""Calibration metrics (spec/calibration.md): ECE, equal-mass (adaptive) ECE, MCE, Brier, NLL, selective accuracy,
+the coverage–accuracy curve, reliability diagrams.
 
 Binning convention (equal width, M bins): edges = linspace(0, 1, M + 1); bin m holds confidences c with
 edges[m] < c ≤ edges[m+1], and the first bin also holds c = 0. So c = 1 falls in the last bin (no hidden extra bin)
 and a confidence exactly on an inner edge belongs to the bin below it.
 ECE = Σ_m (|B_m| / n) · |acc(B_m) − conf(B_m)|; empty bins contribute nothing. Inputs may be tensors or arrays.
+
+Agreement with the libraries people cite (tests/test_calibration.py, random inputs, to 1e-6): ECE and MCE equal
+torchmetrics' `multiclass_calibration_error` (norm 'l1' / 'max') and netcal's `ECE` / `MCE`; the equal-mass ECE
+equals netcal's `ECE(equal_intervals=False)`. torchmetrics assigns a confidence of exactly 1.0 to an extra bin of
+its own and netcal bins with half-open intervals the other way round, so on inputs with confidences exactly on a bin
+edge (or at 1.0) the three can differ; on continuous inputs they do not.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ def _bin_table(confidences, correct, bins: np.ndarray, n_bins: int):
 
 
 def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
+    """ECE with `n_bins` equal-width bins (the module docstring's convention): Σ_m |B_m|/n · |acc(B_m) − conf(B_m)|."""
     confidences = _array(confidences)
     if confidences.size == 0:
         return 0.0
@@ -50,6 +58,7 @@ def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
 
 
 def maximum_calibration_error(confidences, correct, n_bins: int = 10) -> float:
+    """MCE: the largest |acc(B_m) − conf(B_m)| over the non-empty equal-width bins."""
     counts, mean_confidence, accuracy = _bin_table(confidences, correct, bin_indices(confidences, n_bins), n_bins)
     filled = counts > 0
     return float(np.max(np.abs(accuracy[filled] - mean_confidence[filled]))) if filled.any() else 0.0
@@ -65,6 +74,28 @@ def adaptive_calibration_error(confidences, correct, n_bins: int = 10) -> float:
     for group in np.array_split(order, min(n_bins, confidences.size)):
         total += group.size / confidences.size * abs(correct[group].mean() - confidences[group].mean())
     return float(total)
+
+
+equal_mass_calibration_error = adaptive_calibration_error  # HELM's name for ECE with equal-mass bins
+
+
+def selective_accuracy(confidences, correct, coverage: float) -> float:
+    """Accuracy on the `coverage` fraction of items the model is most confident about (ties: the first in order)."""
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    confidences, correct = _array(confidences), _array(correct)
+    kept = max(1, int(np.ceil(coverage * confidences.size)))
+    order = np.argsort(-confidences, kind="stable")
+    return float(correct[order[:kept]].mean())
+
+
+def coverage_accuracy_auc(confidences, correct) -> float:
+    """Area under the selective accuracy curve: the mean over k = 1..n of the accuracy on the k most confident items
+    (1 when every answer the model is surer of is right; the plain accuracy when confidence carries no signal)."""
+    confidences, correct = _array(confidences), _array(correct)
+    order = np.argsort(-confidences, kind="stable")
+    running = np.cumsum(correct[order]) / np.arange(1, confidences.size + 1)
+    return float(running.mean())
 
 
 def brier_score(probabilities, gold) -> float:

@@ -13,10 +13,10 @@ from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.errors import UserError
 
 
-def load_prompts(path: str) -> list[dict]:
+def load_prompts(path: str, split: str | None = None, subset: str | None = None) -> list[dict]:
     """Records whose last turn is the assistant's reply: {messages before it, reference, metadata}."""
     items, fmt = [], None
-    for record in read_records(path):
+    for record in read_records(path, split, subset):
         if isinstance(record, BadRecord):
             raise UserError(f"{record.location}: {record.problem}")
         try:

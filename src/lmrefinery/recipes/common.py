@@ -7,8 +7,8 @@ import logging
 import math
 from pathlib import Path
 
-from lmrefinery.config import (DataConfig, LISAConfig, ModelConfig, SamplingConfig, SourceConfig, TrainConfig,
-                               validate_config)
+from lmrefinery.config import (DataConfig, LISAConfig, LoRAConfig, ModelConfig, SamplingConfig, SourceConfig,
+                               TrainConfig, validate_config)
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.data.sources import SourcePool, load_pool
 from lmrefinery.data.tokenize import ChatEncoder
@@ -18,14 +18,17 @@ from lmrefinery.evaluation.loss import evaluate_loss
 from lmrefinery.fileio import atomic_write_json
 from lmrefinery.lisa import LISA
 from lmrefinery.models import load_tokenizer
-from lmrefinery.train.checkpoint import seed_everything
-from lmrefinery.train.distributed import DistEnv, setup_distributed
+from lmrefinery.models.lora import add_lora
+from lmrefinery.plots import loss_plot
+from lmrefinery.train.checkpoint import load_module_weights, seed_everything
+from lmrefinery.train.distributed import DistEnv, setup_distributed, shard_model
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import LossSumsFn, example_loss_sums
 from lmrefinery.train.optim import build_adamw, build_scheduler
 from lmrefinery.train.run_dir import check_output_dir, read_metrics
-from lmrefinery.train.save import save_hf_model
+from lmrefinery.train.save import save_hf_model, save_lora
 from lmrefinery.train.supervised import supervised_step_fn
+from lmrefinery.train.tracking import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,17 @@ def total_steps(steps: int | None, epochs: float | None, pool: SourcePool, batch
     return max(1, math.ceil((epochs or 1.0) * len(pool.examples) / batch_size))
 
 
+def open_trackers(config, output_dir: Path, env: DistEnv) -> Trackers:
+    """TensorBoard / W&B for `config.report_to`, on rank 0 (the other ranks get inert ones)."""
+    return Trackers(list(getattr(config, "report_to", [])), output_dir, output_dir.name,
+                    config.model_dump(mode="json"), env.is_main)
+
+
+def close_trackers(trackers: Trackers, output_dir: Path) -> None:
+    trackers.images(output_dir / "plots")
+    trackers.close()
+
+
 def make_lisa(model, optimizer, settings: LISAConfig, seed: int) -> LISA:
     try:
         return LISA(model, optimizer, seed=seed, **settings.model_dump(exclude={"enabled"}))
@@ -88,6 +102,27 @@ def validation_fn(model, pool: SourcePool, env: DistEnv, batch_size: int, precis
     return validate
 
 
+def trainable_model(model, lora: LoRAConfig, env: DistEnv, seed: int, adapters: tuple[str, ...] = ("default",)):
+    """The model a training command trains: with LoRA adapters (`adapters`, initialised from `seed`) on the frozen
+    base when `lora.enabled`, sharded over the processes (FSDP2), in train mode."""
+    if lora.enabled:
+        model = add_lora(model, lora, adapters, seed)
+    model = shard_model(model, env)
+    model.train()
+    return model
+
+
+def save_trained(model, tokenizer, output_dir: Path, env: DistEnv, lora: LoRAConfig) -> Path:
+    """The final model: in HF format to output_dir/model, or (LoRA) the adapter to output_dir/adapter and, with
+    `lora.merge`, base + adapter merged to output_dir/model. Returns the directory later commands load."""
+    if not lora.enabled:
+        save_hf_model(model, tokenizer, output_dir / "model", env)
+        return output_dir / "model"
+    save_lora(model, tokenizer, output_dir / "adapter", env,
+              merged_directory=output_dir / "model" if lora.merge else None)
+    return output_dir / "model" if lora.merge else output_dir / "adapter"
+
+
 def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model, tokenizer, pool: SourcePool,
                      sampling: SamplingConfig, train: TrainConfig, precision: str, lisa: LISAConfig, seed: int,
                      save_model: bool, validation_pool: SourcePool | None = None, validation=None,
@@ -101,9 +136,11 @@ def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model
     accumulation = accumulation_steps(train.batch_size, train.micro_batch_size, env.world_size)
     steps = total_steps(train.steps, train.epochs, pool, train.batch_size)
     sampler = MixtureSampler.build(sampling, pool.names, pool.source_indices(), train.batch_size, seed)
-    optimizer = build_adamw(model, train)
+    lora = getattr(config, "lora", None) or LoRAConfig()
+    optimizer = build_adamw(model, train, trainable_only=lora.enabled)
     scheduler = build_scheduler(optimizer, train, steps)
     layer_samplers = {"model": make_lisa(model, optimizer, lisa, seed)} if lisa.enabled else {}
+    trackers = open_trackers(config, output_dir, env)
     loop = Loop(
         name=name, config=config, output_dir=output_dir, env=env, steps=steps, schedule=train,
         modules={"model": model}, optimizers={"model": (model, optimizer)},
@@ -112,24 +149,52 @@ def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model
                       "accumulation": accumulation, **(start_metrics or {})},
         validate=(validation_fn(model, validation_pool, env, validation.batch_size, precision, tokenizer.pad_token_id)
                   if validation_pool is not None else None),
-        validate_every=validation.every if validation is not None else None)
+        validate_every=validation.every if validation is not None else None, trackers=trackers)
     step_fn = supervised_step_fn(model, optimizer, scheduler, sampler, pool, env,
                                  micro_batch_size=train.micro_batch_size, precision=precision,
                                  max_grad_norm=train.max_grad_norm, pad_id=tokenizer.pad_token_id,
                                  loss_sums_fn=loss_sums_fn, normalize_by=normalize_by)
-    last = run_loop(loop, step_fn, resume)
+    run_loop(loop, step_fn, resume)
 
-    model_dir = output_dir / "model"
-    if save_model:
-        save_hf_model(model, tokenizer, model_dir, env)
-    result = {"command": name, "steps": steps, "final_loss": last.get("loss"), "sources": pool.names,
-              "source_sizes": pool.sizes, **(summary or {}), "model": str(model_dir) if save_model else None}
-    if diagnostics and env.is_main:
-        rows = [m for m in read_metrics(output_dir / "metrics.jsonl") if "loss" in m and "event" not in m]
-        tail = rows[-max(1, len(rows) // 4):]
-        result.update({f"final_{key}": sum(m[key] for m in tail) / len(tail) for key in diagnostics
-                       if all(key in m for m in tail)})
+    best = loop.best
+    if train.keep_best and best.get("step") not in (None, steps):  # the best-validation weights become the model
+        load_module_weights(output_dir / "checkpoints" / f"step-{best['step']}", {"model": model})
+    model_dir = save_trained(model, tokenizer, output_dir, env, lora) if save_model else output_dir / "model"
+    result = {"command": name, "steps": steps, "sources": pool.names, "source_sizes": pool.sizes, **(summary or {}),
+              "model": str(model_dir) if save_model else None,
+              "model_step": best["step"] if train.keep_best and best.get("step") else steps}
     if env.is_main:
+        result |= summarise_metrics(output_dir, diagnostics, name)
         atomic_write_json(output_dir / "summary.json", result)
-        log.info("outputs in %s (model: %s, metrics: %s)", output_dir, model_dir, output_dir / "metrics.jsonl")
+        log.info("outputs in %s (model: %s, metrics: %s, plots/loss.png)", output_dir, model_dir,
+                 output_dir / "metrics.jsonl")
+    close_trackers(trackers, output_dir)
     return result
+
+
+FAR_ABOVE_BEST = 1.1
+
+
+def summarise_metrics(output_dir: Path, diagnostics: tuple[str, ...], name: str) -> dict:
+    """From metrics.jsonl (complete however often the run was resumed): the last training loss, the last and best
+    validation loss, each diagnostic's mean over the last quarter of the steps; plots/loss.png; a warning when the
+    validation loss ended well above its best."""
+    records = read_metrics(output_dir / "metrics.jsonl")
+    rows = [m for m in records if "loss" in m and "event" not in m]
+    validation = [m for m in records if m.get("event") == "validation"]
+    summary = {"final_loss": rows[-1]["loss"] if rows else None}
+    tail = rows[-max(1, len(rows) // 4):]
+    summary |= {f"final_{key}": sum(m[key] for m in tail) / len(tail) for key in diagnostics
+                if tail and all(key in m for m in tail)}
+    if validation:
+        best = min(validation, key=lambda m: m["val_loss"])
+        summary |= {"last_val_loss": validation[-1]["val_loss"], "best_val_loss": best["val_loss"],
+                    "best_val_step": best["step"]}
+        if validation[-1]["val_loss"] > FAR_ABOVE_BEST * best["val_loss"]:
+            log.warning("validation loss ended at %.4f, %.0f%% above its best %.4f at step %d%s", validation[-1][
+                "val_loss"], 100 * (validation[-1]["val_loss"] / best["val_loss"] - 1), best["val_loss"], best["step"],
+                "" if validation[-1]["step"] == best["step"] else
+                "; train.keep_best=true keeps the best checkpoint's weights as the model")
+    loss_plot(output_dir / "plots" / "loss.png", ([m["step"] for m in rows], [m["loss"] for m in rows]),
+              ([m["step"] for m in validation], [m["val_loss"] for m in validation]), f"{name}: loss")
+    return summary

@@ -22,18 +22,10 @@ from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.models import load_model, load_tokenizer
 from lmrefinery.recipes import calibrate, distill, sft, teacher
 from lmrefinery.recipes.common import load_cache_with_data
-from lmrefinery.recipes.stages import device, evaluate_mcq, run_stage, save_student_init
+from lmrefinery.recipes.stages import (device, evaluate_mcq, run_stage, save_student_init, source_trees,
+                                       train_tree)
 
 REFERENCE = "sft"
-
-
-def _sources(sources) -> list[dict]:
-    return [s.model_dump() for s in sources]
-
-
-def _train(config: CompareConfig, **changes) -> dict:
-    return config.train.model_dump(mode="json") | {"checkpoint_every": config.train.checkpoint_every
-                                                   or config.train.steps} | changes
 
 
 def test_sets(config: CompareConfig) -> dict[str, str]:
@@ -90,14 +82,14 @@ def shared_stages(config: CompareConfig, out: Path) -> dict:
         steps = distillation.teacher.finetune_steps
         run_stage(sft, SFTConfig, {
             "output_dir": str(teacher_dir), "seed": config.data_seed, "model": {"name_or_path": teacher_model},
-            "data": {"sources": _sources(distillation.train), "max_length": distillation.max_length},
-            "train": _train(config, steps=steps, checkpoint_every=steps,
+            "data": {"sources": source_trees(distillation.train), "max_length": distillation.max_length},
+            "train": train_tree(config, steps=steps, checkpoint_every=steps,
                             lr=distillation.teacher.finetune_lr or config.train.lr)},
             teacher_dir / "summary.json", teacher_dir)
         timings["teacher fine-tuning"] = time.perf_counter() - started
         teacher_model = str(teacher_dir / "model")
     started = time.perf_counter()
-    caches = {"train": _cache(config, out, "cache-train", teacher_model, _sources(distillation.train))}
+    caches = {"train": _cache(config, out, "cache-train", teacher_model, source_trees(distillation.train))}
     for name, items in {"validation": distillation.validation_items, **test_sets(config)}.items():
         conversations = write_mcq_conversations(items, out / f"{name}.conversations.jsonl")
         caches[name] = _cache(config, out, f"cache-{name}", teacher_model,
@@ -127,8 +119,8 @@ def _student_sft(config: CompareConfig, seed: int, shared: dict, run_dir: Path, 
     run_stage(sft, SFTConfig, {
         "output_dir": str(run_dir), "seed": seed,
         "model": {"name_or_path": shared["student_init"], **distillation.student.compute()},
-        "data": {"sources": _sources(distillation.train), "max_length": distillation.max_length},
-        "train": _train(config), "label_smoothing": label_smoothing}, run_dir / "summary.json", run_dir)
+        "data": {"sources": source_trees(distillation.train), "max_length": distillation.max_length},
+        "train": train_tree(config), "label_smoothing": label_smoothing}, run_dir / "summary.json", run_dir)
     return run_dir / "model"
 
 
@@ -145,7 +137,7 @@ def student_sft_temperature(config: CompareConfig, seed: int, shared: dict, dire
     precision = config.distillation.student.precision
     model_config = ModelConfig(name_or_path=sft_model, precision=precision)
     encoder = ChatEncoder(load_tokenizer(model_config))
-    model = load_model(model_config, device())
+    model = load_model(model_config, device(), training=False)
     items = load_items(config.distillation.validation_items)
     variants = option_variants(encoder.tokenizer, items)
     logits = torch.cat([chunk for _, chunk in answer_logits(model, encoder, items, config.eval_batch_size, precision,
@@ -172,7 +164,7 @@ def _distill(config: CompareConfig, seed: int, shared: dict, directory: Path, lo
     loss = {"hard_label_weight": distillation.hard_label_weight} | loss if loss.get("mode") != "online" else loss
     run_stage(distill, DistillConfig, {
         "output_dir": str(run_dir), "seed": seed, "cache": shared["caches"]["train"], "student": student,
-        "loss": loss, "train": _train(config)}, run_dir / "summary.json", run_dir)
+        "loss": loss, "train": train_tree(config)}, run_dir / "summary.json", run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"tests": _score(config, directory / "eval", run_dir / "model"),
             "student_topk_mass": summary.get("final_student_topk_mass"),

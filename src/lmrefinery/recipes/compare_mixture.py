@@ -19,16 +19,8 @@ from lmrefinery.fileio import atomic_write_text
 from lmrefinery.models import load_model
 from lmrefinery.recipes import reweight, sft
 from lmrefinery.recipes.common import load_data
-from lmrefinery.recipes.stages import device, evaluate_answers, progress, run_stage
-
-
-def _sources(sources) -> list[dict]:
-    return [s.model_dump() for s in sources]
-
-
-def _train(config: CompareConfig, **changes) -> dict:
-    return config.train.model_dump(mode="json") | {"checkpoint_every": config.train.checkpoint_every
-                                                   or config.train.steps} | changes
+from lmrefinery.recipes.stages import (device, evaluate_answers, progress, run_stage, source_trees,
+                                       train_tree)
 
 
 def token_budget(config: CompareConfig, pool) -> int:
@@ -67,8 +59,8 @@ def _sft_on(config: CompareConfig, seed: int, directory: Path, pool, chosen: lis
     run_stage(sft, SFTConfig, {
         "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
         "data": {"sources": [{"name": "selected", "path": str(data_path)}], "max_length": mixture.max_length},
-        "train": _train(config, steps=steps, checkpoint_every=steps)}, run_dir / "summary.json", run_dir)
-    metrics = evaluate_answers(directory / "eval", run_dir / "model", _sources(mixture.test), mixture.max_length,
+        "train": train_tree(config, steps=steps, checkpoint_every=steps)}, run_dir / "summary.json", run_dir)
+    metrics = evaluate_answers(directory / "eval", run_dir / "model", source_trees(mixture.test), mixture.max_length,
                                mixture.exact_match, mixture.max_new_tokens, config.model.precision,
                                config.eval_batch_size)
     counts = pool.counts(chosen)
@@ -158,8 +150,8 @@ def rho(config: CompareConfig, seed: int, directory: str) -> dict:
     reference_dir = directory / "reference"
     run_stage(sft, SFTConfig, {
         "output_dir": str(reference_dir), "seed": seed, "model": config.model.model_dump(),
-        "data": {"sources": _sources(mixture.validation), "max_length": mixture.max_length},
-        "train": _train(config, steps=mixture.rho.reference_steps, lr=mixture.rho.reference_lr,
+        "data": {"sources": source_trees(mixture.validation), "max_length": mixture.max_length},
+        "train": train_tree(config, steps=mixture.rho.reference_steps, lr=mixture.rho.reference_lr,
                         checkpoint_every=mixture.rho.reference_steps)}, reference_dir / "summary.json", reference_dir)
     scores = _saved_scores(directory, pool)
     if scores is None:
@@ -167,7 +159,7 @@ def rho(config: CompareConfig, seed: int, directory: str) -> dict:
         bar = progress(2 * -(-len(pool.examples) // config.eval_batch_size), "RHO excess loss")
         for role, source in (("current", config.model), ("reference", config.model.model_copy(
                 update={"name_or_path": str(reference_dir / "model")}))):
-            model = load_model(source, device())
+            model = load_model(source, device(), training=False)
             losses[role] = example_losses(model, pool, config.eval_batch_size, config.model.precision,
                                           tokenizer.pad_token_id, bar)
             del model
@@ -183,8 +175,8 @@ def scalebio(config: CompareConfig, seed: int, directory: str) -> dict:
     run_dir = directory / "reweight"
     run_stage(reweight, ReweightConfig, {
         "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
-        "data": {"sources": _sources(mixture.sources), "max_length": mixture.max_length},
-        "validation": {"sources": _sources(mixture.validation)},
+        "data": {"sources": source_trees(mixture.sources), "max_length": mixture.max_length},
+        "validation": {"sources": source_trees(mixture.validation)},
         **mixture.reweight.model_dump(mode="json")}, run_dir / "weights.json", run_dir)
     learned = json.loads((run_dir / "weights.json").read_text())["weights"]
     return _mix_and_sft(config, seed, directory, learned) | {"learned_weights": learned}

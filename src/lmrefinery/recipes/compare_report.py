@@ -53,8 +53,8 @@ def _mixture_section(results: dict, statistics: dict, seeds: list) -> list[str]:
     head = "| method | test loss [95% CI] | Δ vs " + reference + " | per-example loss | Δ | " + (
         "exact match | Δ exact match | " if has_exact else "") + "SFT examples | steps | tokens | wall (s) | peak GiB |"
     lines = ["## Data mixture and selection", "",
-             f"Every method's SFT set holds at most {first['token_budget']} tokens (prompt + response) in whole batches; "
-             f"SFT makes one pass over it. Test loss is the token-mean loss over the "
+             f"Every method's SFT set holds at most {first['token_budget']} tokens (prompt + response) in whole "
+             f"batches; SFT makes one pass over it. Test loss is the token-mean loss over the "
              f"{len(first['per_item']['tokens'])} test examples' answer tokens (as `evaluate --task loss` reports it); "
              "per-example loss is the mean of each example's own token-mean loss. Δ is the paired difference to "
              f"`{reference}` (the same test examples under the same seeds), 95% CI by resampling test examples; "
@@ -108,7 +108,8 @@ def _distillation_section(results: dict, statistics: dict, shared: dict, seeds: 
               + ("." if calibration["improves"] else "; no c improved on the teacher as it is, so FIRST distils "
                                                       "from the unchanged teacher."), ""]
     for test, section in statistics["tests"].items():
-        lines += [f"### {TEST_NAMES.get(test, test)} test ({len(next(iter(results.values()))[seeds[0]]['tests'][test]['per_item']['correct'])} items)",
+        items = len(next(iter(results.values()))[seeds[0]]["tests"][test]["per_item"]["correct"])
+        lines += [f"### {TEST_NAMES.get(test, test)} test ({items} items)",
                   "", "| model | accuracy [95% CI] | Δ accuracy | ECE [95% CI] | Δ ECE | NLL | Δ NLL | student top-k "
                   "mass | wall (s) | peak GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in section["fixed"].items():

@@ -21,8 +21,7 @@ from lmrefinery.distill.student import every_nth, keep_layers
 from lmrefinery.errors import UserError
 from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
 from lmrefinery.models.loading import enable_activation_checkpointing
-from lmrefinery.recipes.common import begin_training_run, load_cache_with_data, train_supervised
-from lmrefinery.train.distributed import shard_model
+from lmrefinery.recipes.common import begin_training_run, load_cache_with_data, train_supervised, trainable_model
 from lmrefinery.train.losses import response_logits
 
 log = logging.getLogger(__name__)
@@ -39,11 +38,11 @@ def build_student(config: DistillConfig, manifest: dict, device) -> torch.nn.Mod
     if config.student.init == "model":
         model = load_model(ModelConfig(name_or_path=config.student.name_or_path, **compute), device)
     else:
-        teacher = load_model(teacher_model_config(manifest, compute), device)
+        teacher = load_model(teacher_model_config(manifest, compute | {"load_dtype": "float32"}), device)
         total = len(find_decoder_layers(teacher))
         keep = config.student.keep_layers or every_nth(total, config.student.keep_every)
         try:
-            model = keep_layers(teacher, keep)
+            model = keep_layers(teacher, keep, in_place=True)  # the loaded teacher becomes the student
         except ValueError as exc:
             raise UserError(f"student.keep_layers: {exc}") from None
         del teacher
@@ -108,12 +107,11 @@ def run(config: DistillConfig, resume: bool = False) -> Path:
     cache.check_vocabulary(model.get_output_embeddings().weight.shape[0])
     if config.loss.mode == "online":
         compute = config.student.compute() | {"gradient_checkpointing": False}
-        teacher = load_model(teacher_model_config(cache.manifest, compute), env.device).eval()
+        teacher = load_model(teacher_model_config(cache.manifest, compute), env.device, training=False).eval()
         loss_fn = online_loss_fn(teacher, config.loss.online_temperature)
     else:
         loss_fn = cached_loss_fn(cache, config.loss, transform, temperature)
-    model = shard_model(model, env)
-    model.train()
+    model = trainable_model(model, config.lora, env, config.seed)
     summary = train_supervised(
         name="distill", config=config, output_dir=output_dir, env=env, model=model, tokenizer=tokenizer, pool=pool,
         sampling=config.sampling, train=config.train, precision=config.student.precision, lisa=config.lisa,

@@ -17,14 +17,14 @@ from lmrefinery.baselines.mixture import draw_mixture
 from lmrefinery.config import MixConfig, SamplingConfig
 from lmrefinery.data.sampling import source_probabilities
 from lmrefinery.data.sources import read_conversations
-from lmrefinery.fileio import atomic_write_json, atomic_write_text
+from lmrefinery.fileio import atomic_write_json, atomic_write_text, output_directory
 
 log = logging.getLogger(__name__)
 
 
 def run(config: MixConfig) -> Path:
-    names = [s.name for s in config.sources]
-    pools = [read_conversations(spec, config.on_bad_record) for spec in config.sources]
+    names = [s.name for s in config.data.sources]
+    pools = [read_conversations(spec, config.data.on_bad_record) for spec in config.data.sources]
     weights = source_probabilities(SamplingConfig(strategy="weights", weights=config.weights), names,
                                    [len(p) for p in pools], key="weights")
     drawn, repeated = draw_mixture([len(p) for p in pools], weights, config.num_examples, config.seed)
@@ -34,7 +34,7 @@ def run(config: MixConfig) -> Path:
         count = sum(1 for source, _ in drawn if source == index)
         manifest_sources[name] = {"weight": weights[index], "count": count, "available": len(records),
                                   "without_replacement": count - repeated[index], "with_replacement": repeated[index]}
-    output_dir = Path(config.output_dir)
+    output_dir = output_directory(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "mix.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mixture))
     floors = sum(math.floor(config.num_examples * w) for w in weights)

@@ -1,6 +1,7 @@
 """`lmrefinery reweight`: learn per-source data weights with ScaleBiO on an LLM.
 
-setup (data, two model copies u and w, optional LISA on each, the ScaleBiO core) → the shared loop, each step one
+setup (data, u and w as two full copies — optionally with LISA on each — or as two LoRA adapters of one frozen
+base, the ScaleBiO core) → the shared loop, each step one
 training batch drawn uniformly from the pooled sources + one validation batch → outputs (weights.json, weights.csv,
 plots, report.md).
 """
@@ -15,16 +16,31 @@ from lmrefinery.config import ReweightConfig, SamplingConfig
 from lmrefinery.data.collate import collate, rank_micro_batches
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.models import load_model
-from lmrefinery.recipes.common import accumulation_steps, begin_training_run, load_data, make_lisa, total_steps
+from lmrefinery.models.lora import AdapterView
+from lmrefinery.recipes.common import (accumulation_steps, begin_training_run, close_trackers, load_data, make_lisa,
+                                       open_trackers, total_steps, trainable_model)
 from lmrefinery.recipes.reweight_report import write_outputs
 from lmrefinery.scalebio import ScaleBiO
-from lmrefinery.train.distributed import all_reduce_sum, shard_model
+from lmrefinery.train.distributed import all_reduce_sum
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import example_loss_sums
-from lmrefinery.train.save import save_hf_model
+from lmrefinery.train.save import save_hf_model, save_lora
 
 log = logging.getLogger(__name__)
 POOLED = SamplingConfig(strategy="proportional")  # uniform over the pooled examples, as the method prescribes
+STRATIFIED = SamplingConfig(strategy="stratified")
+
+
+def warn_rare_sources(pool, batch_size: int) -> list[str]:
+    """Pooled batches contain a small source beside large ones rarely (20 beside 2,000: ~9% of batches of 8), and
+    its λ moves only on those steps: say so, and what helps."""
+    total = len(pool.examples)
+    rare = [f"{name} ({batch_size * size / total:.2f})" for name, size in zip(pool.names, pool.sizes)
+            if batch_size * size / total < 1]
+    if rare:
+        log.warning("expected examples per training batch below 1 for %s: their weights move only on the steps that "
+                    "draw them; train.sampling=stratified puts every source in every batch", ", ".join(rare))
+    return rare
 
 
 def build_core(config: ReweightConfig, upper, lower, num_sources: int, steps: int, env) -> ScaleBiO:
@@ -59,15 +75,25 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
     accumulation_steps(train.batch_size, train.micro_batch_size, env.world_size)
     accumulation_steps(train.val_batch_size, train.micro_batch_size, env.world_size, "train.val_batch_size")
     steps = total_steps(train.steps, train.epochs, pool, train.batch_size)
-    train_sampler = MixtureSampler.build(POOLED, pool.names, pool.source_indices(), train.batch_size, config.seed)
+    sampling = STRATIFIED if train.sampling == "stratified" else POOLED
+    train_sampler = MixtureSampler.build(sampling, pool.names, pool.source_indices(), train.batch_size, config.seed)
+    if train.sampling == "pooled":
+        warn_rare_sources(pool, train.batch_size)
     val_sampler = MixtureSampler.build(POOLED, validation.names, validation.source_indices(), train.val_batch_size,
                                        config.seed + 1)
 
-    upper = shard_model(load_model(config.model, env.device), env)
-    lower = shard_model(load_model(config.model, env.device), env)
-    upper.train()
-    lower.train()
+    if config.lora.enabled:  # u and w: two adapters of one frozen base
+        shared = trainable_model(load_model(config.model, env.device), config.lora, env, config.seed,
+                                 adapters=("upper", "lower"))
+        upper, lower = AdapterView(shared, "upper"), AdapterView(shared, "lower")
+        modules = {"adapters": shared}
+    else:  # u and w: two full copies
+        upper = trainable_model(load_model(config.model, env.device), config.lora, env, config.seed)
+        lower = trainable_model(load_model(config.model, env.device), config.lora, env, config.seed)
+        modules = {"lower": lower, "upper": upper}
     core = build_core(config, upper, lower, len(pool.names), steps, env)
+    # the optimizers' state is keyed by parameter names of the module that holds the parameters
+    holder = {name: modules.get("adapters", module) for name, module in (("lower", lower), ("upper", upper))}
     lisas = {}
     if config.lisa.enabled:  # u and w draw their layers independently
         lisas = {"lower": make_lisa(lower, core.lower_optimizer, config.lisa, 2 * config.seed + 1),
@@ -87,10 +113,11 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
                 "source_counts": pool.counts(train_indices)}
 
     short = [name[:10] for name in pool.names]
+    trackers = open_trackers(config, output_dir, env)
     loop = Loop(
         name="reweight", config=config, output_dir=output_dir, env=env, steps=steps, schedule=train,
-        modules={"lower": lower, "upper": upper},
-        optimizers={"lower": (lower, core.lower_optimizer), "upper": (upper, core.upper_optimizer)},
+        modules=modules,
+        optimizers={"lower": (holder["lower"], core.lower_optimizer), "upper": (holder["upper"], core.upper_optimizer)},
         stateful={"train_sampler": train_sampler, "val_sampler": val_sampler},
         # λ and its optimizer; u and w with their optimizers are checkpointed as modules above
         objects={"scalebio": SimpleNamespace(state_dict=lambda: core.state_dict(include_models=False),
@@ -99,13 +126,18 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
         start_record={"sources": pool.names, "source_sizes": pool.sizes, "validation_sources": validation.names,
                       "validation_size": len(validation.examples), "weights": core.weights.tolist(),
                       "data_stats": [vars(s) for s in pool.stats]},
-        postfix=lambda metrics: " ".join(f"{n}={w:.3f}" for n, w in zip(short, metrics["weights"].values())))
+        postfix=lambda metrics: " ".join(f"{n}={w:.3f}" for n, w in zip(short, metrics["weights"].values())),
+        trackers=trackers)
     run_loop(loop, step, resume)
 
-    if config.save_upper_model:
+    if config.save_upper_model and config.lora.enabled:
+        save_lora(modules["adapters"], tokenizer, output_dir / "upper_adapter", env, adapter="upper",
+                  merged_directory=output_dir / "upper_model" if config.lora.merge else None)
+    elif config.save_upper_model:
         save_hf_model(upper, tokenizer, output_dir / "upper_model", env)
     if env.is_main:
         write_outputs(output_dir, config, pool, core, steps)
         log.info("weights: %s", {n: round(w, 4) for n, w in zip(pool.names, core.weights.tolist())})
         log.info("outputs in %s (weights.json, weights.csv, plots/, report.md)", output_dir)
+    close_trackers(trackers, output_dir)
     return output_dir

@@ -1,8 +1,8 @@
 """`lmrefinery sft`: supervised fine-tuning on one or several sources with a chosen sampling.
 
 setup (config, data, model — all validated before the run directory is touched) → train (the shared loop:
-token-mean loss over the global batch, checkpoints, optional LISA and validation) → save (HF model + tokenizer,
-summary.json).
+token-mean loss over the global batch, checkpoints, optional LISA or LoRA and validation) → save (HF model +
+tokenizer, or the LoRA adapter; summary.json).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 
 from lmrefinery.config import SFTConfig
 from lmrefinery.models import load_model
-from lmrefinery.recipes.common import begin_training_run, load_data, train_supervised
-from lmrefinery.train.distributed import shard_model
+from lmrefinery.recipes.common import begin_training_run, load_data, train_supervised, trainable_model
 from lmrefinery.train.losses import example_loss_sums, label_smoothed_loss_sums
 
 
@@ -20,8 +19,7 @@ def run(config: SFTConfig, resume: bool = False) -> Path:
     env, output_dir = begin_training_run(config, resume)
     tokenizer, pool, extras = load_data(config.model, config.data,
                                         {"validation": config.validation.sources if config.validation else []})
-    model = shard_model(load_model(config.model, env.device), env)
-    model.train()
+    model = trainable_model(load_model(config.model, env.device), config.lora, env, config.seed)
     train_supervised(
         name="sft", config=config, output_dir=output_dir, env=env, model=model, tokenizer=tokenizer, pool=pool,
         sampling=config.sampling, train=config.train, precision=config.model.precision, lisa=config.lisa,

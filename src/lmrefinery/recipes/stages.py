@@ -17,8 +17,20 @@ from lmrefinery.fileio import atomic_directory
 from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
 from lmrefinery.recipes import evaluate
 from lmrefinery.train.distributed import DistEnv, progress_bar
+from lmrefinery.train.run_dir import release_run_locks
 
 log = logging.getLogger(__name__)
+
+
+def source_trees(sources) -> list[dict]:
+    """Source configs as the config trees of a stage."""
+    return [s.model_dump() for s in sources]
+
+
+def train_tree(config, **changes) -> dict:
+    """A comparison's shared `train` settings as a stage's, checkpointing only at the end unless set."""
+    return config.train.model_dump(mode="json") | {"checkpoint_every": config.train.checkpoint_every
+                                                   or config.train.steps} | changes
 
 
 def run_stage(recipe, config_class, tree: dict, done: Path, resume_from: Path | None = None) -> None:
@@ -32,10 +44,13 @@ def run_stage(recipe, config_class, tree: dict, done: Path, resume_from: Path | 
     if output.exists() and not resume:
         shutil.rmtree(output)  # nothing to resume from: a partial run directory would only be refused
     config = validate_config(config_class, tree)
-    if "resume" in inspect.signature(recipe.run).parameters:
-        recipe.run(config, resume=resume)
-    else:
-        recipe.run(config)
+    try:
+        if "resume" in inspect.signature(recipe.run).parameters:
+            recipe.run(config, resume=resume)
+        else:
+            recipe.run(config)
+    finally:
+        release_run_locks()  # the stage is over: its directory is free for the next run
     if resume_from is not None:  # finished: its checkpoints only served resuming (they hold GBs of optimizer state)
         shutil.rmtree(resume_from / "checkpoints", ignore_errors=True)
 
@@ -113,7 +128,7 @@ def save_student_init(teacher_dir: str | Path, target: Path, student: StudentCon
     config = ModelConfig(name_or_path=str(teacher_dir))
     model = load_model(config)
     indices = student.keep_layers or every_nth(len(find_decoder_layers(model)), student.keep_every)
-    small = keep_layers(model, indices)
+    small = keep_layers(model, indices, in_place=True)
     with atomic_directory(target) as tmp:
         small.save_pretrained(tmp)
         load_tokenizer(config).save_pretrained(tmp)

@@ -18,11 +18,12 @@ from lmrefinery.distill.cache import (MANIFEST, ConcentrationStats, completed_sh
                                       shard_provenance, write_manifest, write_shard)
 from lmrefinery.distill.topk import teacher_topk
 from lmrefinery.errors import UserError
-from lmrefinery.fileio import remove_temporaries
+from lmrefinery.fileio import output_directory, remove_temporaries
 from lmrefinery.models import load_model
 from lmrefinery.recipes.common import load_data
 from lmrefinery.train.checkpoint import seed_everything
 from lmrefinery.train.distributed import barrier, progress_bar, setup_distributed
+from lmrefinery.train.run_dir import lock_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,18 @@ def _check_cache_dir(output_dir: Path, resume: bool) -> None:
     if has_cache and not resume:
         raise UserError(f"{output_dir}: already holds a teacher cache; pass --resume to finish it or choose "
                         f"another output_dir")
+    if resume and not has_cache:
+        raise UserError(f"{output_dir}: --resume, but there is no teacher cache here to finish; run without --resume "
+                        f"to start it")
 
 
 def run(config: TeacherConfig, resume: bool = False) -> Path:
     env = setup_distributed()
-    output_dir = Path(config.output_dir)
+    output_dir = output_directory(config.output_dir)
     _check_cache_dir(output_dir, resume)
     seed_everything(config.seed, env.rank)
     tokenizer, pool, _ = load_data(config.model, config.data)
-    model = load_model(config.model, env.device)
+    model = load_model(config.model, env.device, training=False)
     model.eval()
     input_device = model.device if config.model.device_map else env.device  # the first GPU under device_map
     vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -49,6 +53,7 @@ def run(config: TeacherConfig, resume: bool = False) -> Path:
 
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(output_dir)
         remove_temporaries(output_dir)
     barrier(env)
     total = len(pool.examples)

@@ -77,6 +77,15 @@ def broadcast_object(obj, env: DistEnv):
     return holder[0]
 
 
+def all_gather_object(obj, env: DistEnv) -> list:
+    """Every rank's `obj` (a small picklable value), on every rank."""
+    if not env.distributed:
+        return [obj]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def progress_bar(env: DistEnv, total: int, desc: str, initial: int = 0):
     """A tqdm bar on rank 0. Written to a log file rather than a terminal, it updates at most every 30 s."""
     interactive = sys.stderr.isatty()

@@ -164,7 +164,19 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[B
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(f"step {step}: loss {loss}, gradient norm {grad_norm}")
-    optimizer.step()
+    guarded_step(optimizer, step)
     if scheduler is not None:
         scheduler.step()
     return StepResult(loss, grad_norm, tokens, input_tokens, stats)
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """optimizer.step(), with a learning rate too large for the arithmetic (e.g. lr = 1e38: AdamW's step size
+    overflows fp32) reported as the divergence it is."""
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise TrainingDiverged(f"step {step}: the optimizer step overflowed ({str(exc).splitlines()[0]}); the "
+                               f"learning rate is too large") from None

@@ -32,8 +32,10 @@ def build_optimizer(parameters: nn.Module | Iterable[nn.Parameter], *, kind: str
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {kind!r}")
 
 
-def build_adamw(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    return build_optimizer(model, lr=train.lr, weight_decay=train.weight_decay, betas=train.adam_betas,
+def build_adamw(model: nn.Module, train: TrainConfig, trainable_only: bool = False) -> torch.optim.AdamW:
+    """`trainable_only`: over the parameters that require grad now (LoRA adapters: the base is frozen for good)."""
+    parameters = [p for p in model.parameters() if p.requires_grad] if trainable_only else model
+    return build_optimizer(parameters, lr=train.lr, weight_decay=train.weight_decay, betas=train.adam_betas,
                            eps=train.adam_eps)
 
 

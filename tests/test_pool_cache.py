@@ -1,0 +1,100 @@
+"""The tokenised-pool cache: a second load equals tokenising again, reads nothing through the tokenizer, and any change
+to the files, the tokenizer or the data settings makes a new entry."""
+
+import copy
+import json
+import os
+
+import pytest
+
+from lmrefinery.config import DataConfig, SourceConfig
+from lmrefinery.data import pool_cache
+from lmrefinery.data.sources import load_source
+from lmrefinery.data.tokenize import ChatEncoder
+
+
+def _write(path, count, offset=0):
+    with open(path, "w") as handle:
+        for i in range(count):
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"add {i + offset} and {i}"},
+                                                  {"role": "assistant", "content": str(2 * i + offset)}]}) + "\n")
+    return path
+
+
+def _rows(examples):
+    return [(e.input_ids, e.labels, e.source_id, e.record) for e in examples]
+
+
+class _CountingEncoder(ChatEncoder):
+    calls = 0
+
+    def encode(self, example, location):
+        _CountingEncoder.calls += 1
+        return super().encode(example, location)
+
+
+def _load(path, tokenizer, **data):
+    settings = DataConfig(sources=[SourceConfig(name="s", path=str(path))], **data)
+    return load_source(settings.sources[0], 2, _CountingEncoder(tokenizer), settings)
+
+
+def test_second_load_comes_from_the_cache_and_equals_tokenising(tmp_path, tokenizer):
+    path = _write(tmp_path / "a.jsonl", 40)
+    fresh, fresh_stats = _load(path, tokenizer, cache=False)
+    _CountingEncoder.calls = 0
+    first, _ = _load(path, tokenizer)
+    assert _CountingEncoder.calls == 40
+    second, stats = _load(path, tokenizer)
+    assert _CountingEncoder.calls == 40  # nothing tokenised the second time
+    assert _rows(second) == _rows(first) == _rows(fresh)
+    assert stats == fresh_stats
+
+
+def _tokenised_count(path, tokenizer, **data) -> int:
+    """How many records a load tokenised (0: it came from the cache)."""
+    _CountingEncoder.calls = 0
+    _load(path, tokenizer, **data)
+    return _CountingEncoder.calls
+
+
+def test_changed_settings_files_or_tokenizer_make_a_new_entry(tmp_path, tokenizer):
+    path = _write(tmp_path / "a.jsonl", 12)
+    assert _tokenised_count(path, tokenizer) == 12
+    assert _tokenised_count(path, tokenizer) == 0
+    assert _tokenised_count(path, tokenizer, on_bad_record="skip") == 12
+    assert _tokenised_count(path, tokenizer, system_prompt="Be brief.") == 12
+    assert _tokenised_count(path, tokenizer, system_prompt="Be brief.") == 0
+    other_tokenizer = copy.deepcopy(tokenizer)
+    other_tokenizer.add_tokens(["zzz-new-token"])  # a changed vocabulary changes the tokenizer's fingerprint
+    assert _tokenised_count(path, other_tokenizer) == 12
+    _write(path, 12, offset=1000)  # same file, new content (size and mtime change)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    assert _tokenised_count(path, tokenizer) == 12
+    assert _rows(_load(path, tokenizer)[0]) == _rows(_load(path, tokenizer, cache=False)[0])
+
+
+def test_a_damaged_entry_is_rebuilt(tmp_path, tokenizer, caplog):
+    path = _write(tmp_path / "a.jsonl", 10)
+    reference, _ = _load(path, tokenizer)
+    settings = DataConfig(sources=[SourceConfig(name="s", path=str(path))])
+    key = pool_cache.source_key(settings.sources[0], ChatEncoder(tokenizer).fingerprint, settings)
+    for arrow in (pool_cache.cache_directory(key) / "examples").glob("*.arrow"):
+        arrow.write_bytes(b"not arrow")
+    _CountingEncoder.calls = 0
+    rebuilt, _ = _load(path, tokenizer)
+    assert _rows(rebuilt) == _rows(reference) and _CountingEncoder.calls == 10
+    assert pool_cache.load_cached(key) is not None  # written again
+
+
+def test_sources_that_are_not_local_files_are_not_cached(tokenizer):
+    settings = DataConfig(sources=[SourceConfig(name="hub", path="org/name")])
+    assert pool_cache.source_key(settings.sources[0], "x", settings) is None
+
+
+@pytest.mark.parametrize("count", [1, 5])
+def test_arrow_columns_come_back_as_the_same_lists(tmp_path, monkeypatch, count):
+    monkeypatch.setenv("LMREFINERY_CACHE", str(tmp_path))
+    ids = [list(range(i, 2 * i + 1)) for i in range(count)]
+    labels = [[-100] + row[1:] for row in ids]
+    pool_cache.store(f"k{count}", ids, labels, list(range(count)), {"n": count})
+    assert pool_cache.load_cached(f"k{count}") == (ids, labels, list(range(count)), {"n": count})
