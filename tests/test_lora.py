@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from lmrefinery.config import LoRAConfig
 from lmrefinery.models.lora import AdapterView, add_lora, lora_parameters
 from lmrefinery.scalebio import ScaleBiO
-from tests.helpers import final_weights, resumed_after_kill, run_cli, run_one_and_two_processes, sft_config, write_yaml
-from tests.test_reweight import NAMES, _reweight_config, assert_ordered_by_corruption
+from tests.helpers import final_weights, resumed_after_kill, run_cli, sft_config, write_yaml
+from tests.test_reweight import (_reweight_config, assert_ordered_by_corruption,
+                                 same_weights_on_one_and_two_processes)
 from tests.tiny import save_tiny_model, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -151,13 +152,8 @@ def test_lora_reweight_resume_is_bit_equal_and_checkpoints_hold_adapters_only(tm
 
 @pytest.mark.slow
 def test_lora_reweight_two_processes_give_the_same_weights(tmp_path, tiny_model_dir):
-    single, double = run_one_and_two_processes(
-        tmp_path, "reweight", _lora_reweight_config(tmp_path, tiny_model_dir, steps=4, micro_batch_size=4))
-    one = json.loads((single / "weights.json").read_text())["weights"]
-    two = json.loads((double / "weights.json").read_text())["weights"]
-    for name in NAMES:
-        assert two[name] == pytest.approx(one[name], abs=1e-5)
-    assert one["clean"] != pytest.approx(0.25, abs=1e-4)
+    single, double = same_weights_on_one_and_two_processes(
+        tmp_path, _lora_reweight_config(tmp_path, tiny_model_dir, steps=4, micro_batch_size=4))
     a, b = final_weights(single, 4, "adapters"), final_weights(double, 4, "adapters")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
