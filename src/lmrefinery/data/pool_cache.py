@@ -45,7 +45,8 @@ def source_key(spec, tokenizer_fingerprint: str, data) -> str | None:
     location = Path(spec.path)
     if not location.exists():
         return None
-    files = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in _files_of(location)]
+    files = [(str(path.resolve()), status.st_size, status.st_mtime_ns)
+             for path, status in ((path, path.stat()) for path in _files_of(location))]
     described = {
         "version": FORMAT_VERSION, "files": files, "format": spec.format, "limit": spec.limit, "split": spec.split,
         "subset": spec.subset, "tokenizer": tokenizer_fingerprint, "system_prompt": data.system_prompt,

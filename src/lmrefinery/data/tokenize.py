@@ -17,6 +17,7 @@ by tokenising each piece on its own and concatenating the ids, so the boundary i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -52,12 +53,10 @@ class ChatEncoder:
         bos = tokenizer.bos_token_id
         self._bos = [bos] if bos is not None and probe and probe[0] == bos else []
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Of the tokenizer (computed once): part of the key of cached tokenised pools."""
-        if not hasattr(self, "_fingerprint"):
-            self._fingerprint = tokenizer_fingerprint(self.tokenizer)
-        return self._fingerprint
+        return tokenizer_fingerprint(self.tokenizer)
 
     def encode(self, example: Example, location: str) -> Encoded:
         if isinstance(example, PlainText):
