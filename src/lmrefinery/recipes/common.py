@@ -77,7 +77,7 @@ def total_steps(steps: int | None, epochs: float | None, pool: SourcePool, batch
 
 def open_trackers(config, output_dir: Path, env: DistEnv) -> Trackers:
     """TensorBoard / W&B for `config.report_to`, on rank 0 (the other ranks get inert ones)."""
-    return Trackers(list(getattr(config, "report_to", [])), output_dir, output_dir.name,
+    return Trackers(list(config.report_to), output_dir, output_dir.name,
                     config.model_dump(mode="json"), env.is_main)
 
 
@@ -136,7 +136,7 @@ def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model
     accumulation = accumulation_steps(train.batch_size, train.micro_batch_size, env.world_size)
     steps = total_steps(train.steps, train.epochs, pool, train.batch_size)
     sampler = MixtureSampler.build(sampling, pool.names, pool.source_indices(), train.batch_size, seed)
-    lora = getattr(config, "lora", None) or LoRAConfig()
+    lora = config.lora
     optimizer = build_adamw(model, train, trainable_only=lora.enabled)
     scheduler = build_scheduler(optimizer, train, steps)
     layer_samplers = {"model": make_lisa(model, optimizer, lisa, seed)} if lisa.enabled else {}
