@@ -60,7 +60,10 @@ def bar_panels(path: str | os.PathLike, labels: list[str], panels: dict[str, lis
         positions = range(len(labels))
         errors = None
         if values and isinstance(values[0], (tuple, list)):
-            errors = [[v - low for v, low, _ in values], [high - v for v, _, high in values]]
+            # A percentile bootstrap interval of a set metric (ECE) need not contain the value computed on the whole
+            # set: a model that is never right has ECE = its mean confidence, and every resample's ECE lies on one
+            # side of it. Such a bar gets no whisker on that side rather than a negative one matplotlib refuses.
+            errors = [[max(v - low, 0.0) for v, low, _ in values], [max(high - v, 0.0) for v, _, high in values]]
             values = [v for v, _, _ in values]
         axis.bar(positions, values, color=[colours[i % len(colours)] for i in positions], yerr=errors, capsize=3)
         axis.set_xticks(list(positions), labels, rotation=40, ha="right", fontsize=8)
