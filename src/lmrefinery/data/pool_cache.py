@@ -40,13 +40,18 @@ def _files_of(location: Path) -> list[Path]:
     return sorted(path for path in location.rglob("*") if path.is_file())
 
 
+def _identity(path: Path) -> tuple[str, int, int]:
+    """A file as the cache key sees it: where it is, its size and its modification time (one stat)."""
+    status = path.stat()
+    return str(path.resolve()), status.st_size, status.st_mtime_ns
+
+
 def source_key(spec, tokenizer_fingerprint: str, data) -> str | None:
     """The cache key of one source under these settings, or None when the source is not a local file or directory."""
     location = Path(spec.path)
     if not location.exists():
         return None
-    files = [(str(path.resolve()), status.st_size, status.st_mtime_ns)
-             for path, status in ((path, path.stat()) for path in _files_of(location))]
+    files = [_identity(path) for path in _files_of(location)]
     described = {
         "version": FORMAT_VERSION, "files": files, "format": spec.format, "limit": spec.limit, "split": spec.split,
         "subset": spec.subset, "tokenizer": tokenizer_fingerprint, "system_prompt": data.system_prompt,
