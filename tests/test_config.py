@@ -75,7 +75,7 @@ def _paths_in(tree) -> list[str]:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_read_files_the_demo_writes(path):
-    from lmrefinery.recipes.demo_data import layout
+    from lmrefinery.compare.data import layout
 
     written = layout(Path("../demo-out/data"))
     files = {str(p) for p in written["sources"].values()} | {str(written["validation"]), str(written["test"])}
@@ -83,3 +83,45 @@ def test_shipped_configs_read_files_the_demo_writes(path):
     tree = yaml.safe_load(path.read_text())
     for data_path in _paths_in(tree):
         assert data_path in files, f"{path.name}: {data_path} is not a file `lmrefinery demo` writes"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_prints_a_real_default_for_every_key(command, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(command, "--help")
+    text = capsys.readouterr().out
+    assert "config keys" in text and "PydanticUndefined" not in text
+    if command == "sft":  # a default made by a factory (an empty list) is printed as its value
+        assert "report_to  [list" in text and "default []]" in text
+
+
+def _compare_tree(tmp_path, distillation_sources_key: str) -> dict:
+    item_file = str(tmp_path / "items.jsonl")
+    return {"output_dir": str(tmp_path / "out"), "train": {"steps": 1},
+            "distillation": {"teacher": {"name_or_path": "t"}, "validation_items": item_file,
+                             "test_items": item_file,
+                             distillation_sources_key: [{"name": "mcq", "path": "./train.jsonl"}]}}
+
+
+def test_a_renamed_key_still_reads_for_one_release_with_a_one_line_notice(tmp_path, caplog):
+    from lmrefinery.config import CompareConfig
+    new = load_config(CompareConfig, write_yaml(tmp_path / "new.yaml", _compare_tree(tmp_path, "train_sources")))
+    assert not [r for r in caplog.records if "is now" in r.getMessage()]
+    old = load_config(CompareConfig, write_yaml(tmp_path / "old.yaml", _compare_tree(tmp_path, "train")))
+    notices = [r.getMessage() for r in caplog.records if "is now" in r.getMessage()]
+    assert notices == ["config key distillation.train is now distillation.train_sources; the old name will be "
+                       "removed in the next release"]
+    # the old key's relative path resolves against the config file, as the new key's does
+    assert old.distillation.train_sources == new.distillation.train_sources
+    assert old.distillation.train_sources[0].path == str((tmp_path / "train.jsonl").resolve())
+    # as an override too, and errors under the old name still say they came from the command line
+    tree = _compare_tree(tmp_path, "train_sources")
+    path = write_yaml(tmp_path / "o.yaml", tree)
+    changed = load_config(CompareConfig, path, ["distillation.train.0.name=other"])
+    assert changed.distillation.train_sources[0].name == "other"
+    with pytest.raises(UserError, match="command line: distillation.train_sources.0.limit"):
+        load_config(CompareConfig, path, ["distillation.train.0.limit=zero"])
+    both = _compare_tree(tmp_path, "train") | {}
+    both["distillation"]["train_sources"] = both["distillation"]["train"]
+    with pytest.raises(UserError, match="give only train_sources"):
+        load_config(CompareConfig, write_yaml(tmp_path / "both.yaml", both))

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmrefinery.config import DataConfig, SourceConfig
+from lmrefinery.data.mcq_items import load_items, parse_item
 from lmrefinery.data.sources import load_pool
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.distill.cache import ConcentrationStats, write_manifest, write_shard
 from lmrefinery.distill.student import keep_layers
-from lmrefinery.data.mcq_items import load_items, parse_item
 from lmrefinery.evaluation.mcq import letter_token_ids
 from lmrefinery.models import find_decoder_layers
 from lmrefinery.train.run_dir import read_metrics
@@ -272,17 +272,26 @@ def test_distill_warns_when_the_student_mass_on_the_teacher_top_k_stays_low(tmp_
                      for record in caplog.records)
         assert warned == (name == "fresh"), (name, masses)
     assert masses["fresh"] < 0.5 <= masses["self"]
-    # the diagnostic is the student's full-vocabulary probability of the cached ids, recomputed here for the final
-    # student on the first example
+    # The logged figure is the student's full-vocabulary probability of the cached ids, per supervised token. With
+    # lr 0 the student does not move, and one step whose batch is the whole pool sees every example once: the
+    # logged mass must then equal the token-mean of that probability over the pool, computed directly.
     from lmrefinery.distill.cache import TeacherCache
     from lmrefinery.recipes.common import load_cache_with_data
 
-    cached, _, pool, _ = load_cache_with_data(str(cache))
-    ids, _, _ = TeacherCache(cache).rows(0)
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "fresh" / "model").eval()
-    example = pool.examples[0]
-    with torch.no_grad():
-        logits = student(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
-    positions = [t for t, label in enumerate(example.labels[1:]) if label != -100]
-    direct = torch.softmax(logits[positions], -1).gather(-1, ids).sum(-1)
-    assert 0 < float(direct.mean()) < 0.5
+    _, _, pool, _ = load_cache_with_data(str(cache))
+    frozen = dict(common, output_dir=str(tmp_path / "frozen"),
+                  student={"init": "model", "name_or_path": str(other), "precision": "fp32"},
+                  train={"steps": 1, "batch_size": len(pool.examples), "micro_batch_size": len(pool.examples),
+                         "lr": 0.0, "warmup_steps": 0})
+    assert run_cli("distill", "--config", write_yaml(tmp_path / "frozen.yaml", frozen)) == 0
+    logged = json.loads((tmp_path / "frozen" / "summary.json").read_text())["final_student_topk_mass"]
+    student = AutoModelForCausalLM.from_pretrained(other).eval()
+    reader, masses_per_token = TeacherCache(cache), []
+    for index, example in enumerate(pool.examples):
+        ids, _, _ = reader.rows(index)
+        with torch.no_grad():
+            logits = student(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+        positions = [t for t, label in enumerate(example.labels[1:]) if label != -100]
+        masses_per_token.append(torch.softmax(logits[positions].double(), -1).gather(-1, ids).sum(-1))
+    direct = float(torch.cat(masses_per_token).mean())
+    assert logged == pytest.approx(direct, abs=1e-5)

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmrefinery.evaluation.lm_eval_samples import parse_sample
-from lmrefinery.recipes.calibration import task_name
+from lmrefinery.evaluation.lm_eval_samples import parse_sample, task_name
 from tests.helpers import run_cli, write_yaml
 
 pytest.importorskip("lm_eval")
@@ -68,7 +67,7 @@ def test_calibration_metrics_equal_torchmetrics_on_the_logged_log_likelihoods(lm
 
 def test_calibration_command_on_a_saved_samples_file_gives_the_same_report(lm_eval_run, tmp_path, capsys):
     samples = _samples_file(lm_eval_run)
-    assert run_cli("calibration", str(samples), f"output_dir={tmp_path / 'report'}") == 0
+    assert run_cli("calibration-report", str(samples), f"output_dir={tmp_path / 'report'}") == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((tmp_path / "report" / "calibration.json").read_text())["tasks"]
     expected = json.loads((lm_eval_run / "eval.json").read_text())["calibration"]
@@ -106,11 +105,20 @@ def test_a_bad_samples_file_exits_2_naming_the_file_and_line(tmp_path, capsys):
     path = tmp_path / "samples_t_2026-01-01T00-00-00.000.jsonl"
     rows = [_sample([-1.0, -2.0], [" A", " B"], 0, acc=1.0), {"doc_id": 1, "target": "0", "filtered_resps": []}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert run_cli("calibration", str(path), f"output_dir={tmp_path / 'r'}") == 2
+    assert run_cli("calibration-report", str(path), f"output_dir={tmp_path / 'r'}") == 2
     err = capsys.readouterr().err
     assert f"{path} line 2" in err and "filtered_resps" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
     # recorded scores the log-likelihoods cannot reproduce: refused rather than reported wrongly
     path.write_text(json.dumps(_sample([-1.0, -2.0], [" A", " B"], 0, acc=0.0)) + "\n")
-    assert run_cli("calibration", str(path), f"output_dir={tmp_path / 'r'}") == 2
+    assert run_cli("calibration-report", str(path), f"output_dir={tmp_path / 'r'}") == 2
     assert "cannot be reproduced" in capsys.readouterr().err
+
+
+def test_the_old_command_name_still_runs_with_a_one_line_notice(tmp_path, capsys):
+    path = tmp_path / "samples_t_2026-01-01T00-00-00.000.jsonl"
+    path.write_text(json.dumps(_sample([-1.0, -2.0], [" A", " B"], 0, acc=1.0)) + "\n")
+    assert run_cli("calibration", str(path), f"output_dir={tmp_path / 'r'}") == 0
+    notice = [line for line in capsys.readouterr().err.splitlines() if "calibration-report" in line]
+    assert len(notice) == 1 and "'calibration' is now 'calibration-report'" in notice[0]
+    assert (tmp_path / "r" / "calibration.json").exists()

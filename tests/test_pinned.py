@@ -17,8 +17,13 @@ from tests.helpers import run_cli, write_yaml
 from tests.tiny import messages_records, save_tiny_model, write_jsonl
 
 RELATIVE = 2e-4
-# LMREFINERY_PIN_RECORD=1 prints the values instead of checking them: how a named, intended change re-pins.
+# LMREFINERY_PIN_RECORD=1 prints the values instead of checking them: how a named, intended change re-pins. It checks
+# nothing, so it is refused under CI.
 RECORD = bool(os.environ.get("LMREFINERY_PIN_RECORD"))
+
+
+def test_ci_refuses_the_pin_record_mode():
+    assert not (RECORD and os.environ.get("CI")), "LMREFINERY_PIN_RECORD is set under CI: the pins would not be checked"
 
 
 def _close(values, pinned, rel=RELATIVE, abs_=1e-6):
@@ -85,7 +90,7 @@ def test_sft_lisa_and_label_smoothing_losses_are_pinned(setting):
     _close(_losses(smoothing), PINNED_SFT_SMOOTHING)
 
 
-# Re-pinned for the named fix of ScaleBiO's clipping units (w clipped at α·max_grad_norm, spec/scalebio.md §3.4).
+# u is clipped at max_grad_norm and w at α·max_grad_norm (docs/methods/scalebio.md §3.4).
 PINNED_REWEIGHT_WEIGHTS = [[0.5, 0.5], [0.48605111, 0.51394889], [0.48200158, 0.51799842]]
 PINNED_REWEIGHT_VALIDATION = [5.78879779, 5.53149552, 5.25574895]
 

@@ -1,5 +1,5 @@
 """Resume refuses what it cannot honour, one live run per directory, the last bad inputs, no unpickling, failed
-writes — each of these failed on an earlier version."""
+writes."""
 
 import json
 import os

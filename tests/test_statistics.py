@@ -5,9 +5,14 @@ import math
 import numpy as np
 import pytest
 
+from lmrefinery.compare.statistics import claims
 from lmrefinery.evaluation.calibration import expected_calibration_error
-from lmrefinery.evaluation.statistics import (mean_estimate, paired_difference, set_metric_difference,
-                                              set_metric_estimate)
+from lmrefinery.evaluation.statistics import (
+    mean_estimate,
+    paired_difference,
+    set_metric_difference,
+    set_metric_estimate,
+)
 
 
 def test_mean_interval_matches_the_normal_theory_interval():
@@ -69,3 +74,47 @@ def test_set_metric_intervals_recompute_the_metric_on_resampled_items():
     difference = set_metric_difference(expected_calibration_error, calibrated, overconfident, n_resamples=2000)
     assert difference.high < 0 and difference.value == pytest.approx(
         estimate.value - np.mean([expected_calibration_error(*s) for s in overconfident]))
+
+
+def _interval(low: float, high: float) -> dict:
+    return {"value": (low + high) / 2, "low": low, "high": high}
+
+
+def _mixture(seed_orderings: list[bool], test_loss: dict) -> dict:
+    return {"reference": "uniform",
+            "weights": {"noisy_sources": ["noisy"],
+                        "per_seed": {str(seed): {"noisy_below_clean": ok, "margin": 0.1 if ok else -0.1}
+                                     for seed, ok in enumerate(seed_orderings)}},
+            "methods": {"scalebio": {"difference": {"test_loss": test_loss}}}}
+
+
+def _distillation(ece: dict, accuracy: dict, recalibration: dict) -> dict:
+    return {"reference": "sft", "tests": {"in_domain": {
+        "methods": {"first": {"difference": {"ece": ece, "accuracy": accuracy}}},
+        "teacher_recalibration": {"difference": recalibration}}}}
+
+
+@pytest.mark.parametrize("orderings, test_loss, expected_a, expected_b", [
+    ([True, True, True], _interval(-0.3, -0.1), True, True),        # every seed ordered; CI below 0
+    ([True, False, True], _interval(-0.3, 0.05), False, False),     # one seed misordered; CI across 0
+    ([True], _interval(-0.3, 0.0), True, False),                    # CI touching 0 is not below it
+])
+def test_mixture_claims_on_designed_results_whose_verdict_is_known(orderings, test_loss, expected_a, expected_b):
+    found = {c["claim"]: c for c in claims(_mixture(orderings, test_loss), None)}
+    assert found["a"]["held"] is expected_a and found["b"]["held"] is expected_b
+    assert found["b"]["evidence"] == test_loss
+
+
+@pytest.mark.parametrize("ece, accuracy, recalibration, expected_c, expected_d", [
+    (_interval(-0.05, -0.01), _interval(-0.02, 0.03), _interval(-0.08, -0.02), True, True),
+    # calibration better but accuracy lower beyond its CI: not the paper's claim
+    (_interval(-0.05, -0.01), _interval(-0.06, -0.001), _interval(-0.08, 0.01), False, False),
+    # an ECE interval touching 0 is not below it; an accuracy interval touching 0 is not lower beyond it
+    (_interval(-0.05, 0.0), _interval(-0.04, 0.0), _interval(-0.08, 0.0), False, False),
+    (_interval(-0.05, -0.001), _interval(-0.04, 0.0), _interval(-0.08, -0.001), True, True),
+])
+def test_distillation_claims_on_designed_results_whose_verdict_is_known(ece, accuracy, recalibration, expected_c,
+                                                                         expected_d):
+    found = {c["claim"]: c for c in claims(None, _distillation(ece, accuracy, recalibration))}
+    assert found["c"]["held"] is expected_c and found["d"]["held"] is expected_d
+    assert found["c"]["evidence"] == {"ece_difference": ece, "accuracy_difference": accuracy}

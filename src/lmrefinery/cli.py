@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import importlib
+import json
 import os
 import sys
 import typing
@@ -35,8 +35,9 @@ from lmrefinery.logs import configure_logging  # noqa: E402
 from lmrefinery.train.distributed import teardown_distributed  # noqa: E402
 from lmrefinery.train.run_dir import release_run_locks  # noqa: E402
 
-# command → (config class in lmrefinery.config, resumable with --resume, one-line help); the recipe is
-# lmrefinery.recipes.<command>, imported only when it runs (a recipe resumes iff its run() takes `resume`).
+# command → (config class in lmrefinery.config, resumable with --resume, one-line help). A single-stage command's
+# code is lmrefinery.recipes.<command> (dashes as underscores); `compare` and `demo` run other commands as stages and
+# live in lmrefinery.compare, the layer above the recipes. Each is imported only when it runs.
 COMMANDS = {
     "sft": ("SFTConfig", True, "fine-tune on one or several sources with a chosen sampling"),
     "reweight": ("ReweightConfig", True, "learn per-source data weights with ScaleBiO"),
@@ -45,10 +46,14 @@ COMMANDS = {
     "calibrate": ("CalibrateConfig", False, "fit the teacher temperature that minimises ECE"),
     "distill": ("DistillConfig", True, "distil a student from the top-k cache (FIRST)"),
     "evaluate": ("EvaluateConfig", False, "held-out loss per source, MCQ accuracy and calibration, or lm-eval tasks"),
-    "calibration": ("CalibrationReportConfig", False, "calibration report of lm-eval --log_samples files"),
+    "calibration-report": ("CalibrationReportConfig", False, "calibration report of lm-eval --log_samples files"),
     "demo": ("DemoConfig", False, "the whole story on the embedded default model and data"),
     "compare": ("CompareConfig", False, "the papers' baselines side by side under one budget"),
 }
+MODULES = {"compare": "lmrefinery.compare.run", "demo": "lmrefinery.compare.demo"}
+# old command name → new one: still accepted for one release, with a one-line notice
+RENAMED_COMMANDS = {"calibration": "calibration-report"}
+TAKES_FILES = ("calibration-report",)  # lm-eval's samples files are passed positionally, like lm-eval's own outputs
 
 
 def config_class(command: str):
@@ -56,7 +61,7 @@ def config_class(command: str):
 
 
 def recipe(command: str):
-    return importlib.import_module(f"lmrefinery.recipes.{command}")
+    return importlib.import_module(MODULES.get(command, f"lmrefinery.recipes.{command.replace('-', '_')}"))
 
 
 DOCS = {"teacher": "teacher.md", "calibrate": "calibrate.md"}  # every other command: docs/<command>.md
@@ -87,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--config", help="YAML config file")
         if resumable:
             command.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-        if name == "calibration":  # lm-eval's samples files, positional like lm-eval's own outputs are passed around
+        if name in TAKES_FILES:
             command.add_argument("overrides", nargs="*", metavar="FILE | key=value",
                                  help="samples_<task>_<date>.jsonl files, and dotted overrides, e.g. output_dir=x")
         else:
@@ -100,14 +105,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _renamed(argv: list[str]) -> list[str]:
+    """A command written under its old name runs under the new one, after a one-line notice."""
+    for position, word in enumerate(argv):
+        if word.startswith("-"):
+            continue
+        if word in RENAMED_COMMANDS:
+            print(f"lmrefinery: '{word}' is now '{RENAMED_COMMANDS[word]}'; the old name will be removed in the next "
+                  f"release", file=sys.stderr)
+            return argv[:position] + [RENAMED_COMMANDS[word]] + argv[position + 1:]
+        return argv
+    return argv
+
+
 WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_renamed(list(sys.argv[1:] if argv is None else argv)))
     configure_logging()
     overrides = list(args.overrides)
-    if args.command == "calibration":
+    if args.command in TAKES_FILES:
         files = [item for item in overrides if "=" not in item]
         overrides = [item for item in overrides if "=" in item] + ([f"samples={json.dumps(files)}"] if files else [])
     for flag in ("task", "preset"):

@@ -1,4 +1,4 @@
-"""LISA — layerwise importance sampled AdamW (spec/lisa.md), with optimizer state that really shrinks.
+"""LISA — layerwise importance sampled AdamW (docs/methods/lisa.md), with optimizer state that really shrinks.
 
 Every `interval` optimizer steps all decoder blocks are frozen and `layers` of them, drawn uniformly without
 replacement, are unfrozen; the embedding, LM head and final norm (everything outside the blocks) stay trainable

@@ -1,4 +1,4 @@
-"""ScaleBiO — first-order bilevel data reweighting (spec/scalebio.md), model-agnostic.
+"""ScaleBiO — first-order bilevel data reweighting (docs/methods/scalebio.md), model-agnostic.
 
 Two copies of a model: u (lower, tracks the optimum of the weighted training loss) and w (upper, the iterate that
 should do well on the validation set), plus logits λ with source weights p = softmax(λ). One step takes all three
@@ -10,10 +10,10 @@ gradients at the same point (u_t, w_t, λ_t), then steps each variable:
     g_λ      = α · J(p) · (ℓ̄(w) − ℓ̄(u)),   J = diag(p) − p pᵀ,   ℓ̄_i(x) = mean loss of source i in B under x
 
 g_λ is computed in closed form from per-source loss sums — when every source is in the batch, exactly what autograd
-through the softmax gives — and needs no graph. A source absent from the batch has no ℓ̄_i: rather than the spec's
-Δ_i = 0 (which would move an absent source's logit by −α·p_i·Σ p_jΔ_j), its discrepancy is taken as the p-weighted
-mean of the present ones, so it gets exactly zero gradient (as the issue requires) and each present source's
-component is α·p_k·(Δ_k − that mean).
+through the softmax gives — and needs no graph. A source absent from the batch has no ℓ̄_i: its discrepancy is taken
+as the p-weighted mean of the present ones, so its logit gets exactly zero gradient (a batch that did not see a
+source says nothing about it; Δ_i = 0 instead would move it by −α·p_i·Σ p_jΔ_j) and each present source's component
+is α·p_k·(Δ_k − that mean) (docs/methods/scalebio.md §3.3).
 
 Batches may be split into micro-batches (pass a list): counts and sums run over the whole global batch before any
 normalisation, so a step does not depend on the split. For the validation loss pass `val_weight_fn` (each
@@ -64,7 +64,8 @@ class ScaleBiO:
     number of data sources. `train_loss_fn(model, batch) -> (per-example losses, source ids)` and
     `val_loss_fn(model, batch) -> scalar` define the two levels; `step(train_batch, val_batch)` takes one step of all
     three variables and returns its metrics; `weights` are the current source weights softmax(λ).
-    Learning rates, α/τ continuation, schedule and clipping follow spec/scalebio.md (see the module docstring)."""
+    Learning rates, α/τ continuation, schedule and clipping follow docs/methods/scalebio.md (see the module
+    docstring)."""
 
     def __init__(self, model: nn.Module, num_sources: int, train_loss_fn: TrainLossFn, val_loss_fn: ValLossFn, *,
                  alpha: float = 100.0, tau: float = 1.0, rounds: int = 1,

@@ -7,12 +7,26 @@ from typing import Annotated, Literal, Union
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from lmrefinery.config.loading import StrictModel, path_field
-from lmrefinery.config.sections import (CalibrationSettings, ComputeConfig, DataConfig, LISAConfig, LoRAConfig,
-                                        ModelConfig, RunConfig, SamplingConfig, ScheduleConfig, SourceListConfig,
-                                        SourcesConfig, TrackingConfig, TrainConfig, ValidationConfig)
+from lmrefinery.config.sections import (
+    CalibrationBinsConfig,
+    CalibrationSettings,
+    ComputeConfig,
+    ConversationSourcesConfig,
+    DataConfig,
+    LISAConfig,
+    LoRAConfig,
+    ModelConfig,
+    RecordSourcesConfig,
+    RunConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    TrackingConfig,
+    TrainConfig,
+    ValidationConfig,
+)
 
 
-class AdaptersOrLayers(StrictModel):
+class LisaOrLoraConfig(StrictModel):
     """A trained model's parameter-efficient options: LISA (full parameters, a few blocks at a time) or LoRA."""
 
     lisa: LISAConfig = Field(LISAConfig(), description="Layerwise importance sampled AdamW (docs/lisa.md).")
@@ -25,14 +39,21 @@ class AdaptersOrLayers(StrictModel):
         return self
 
 
-class SFTConfig(RunConfig, TrackingConfig, AdaptersOrLayers):
-    model: ModelConfig = Field(description="The model to fine-tune.")
-    data: DataConfig = Field(description="The training sources and how to tokenise them (docs/data.md).")
+class SupervisedRunConfig(RunConfig, TrackingConfig, LisaOrLoraConfig):
+    """What every run that trains one model on token targets has (sft: the data's tokens; distill: the teacher's
+    cached distribution over them)."""
+
     sampling: SamplingConfig = Field(SamplingConfig(), description="How batches draw from the sources.")
     validation: ValidationConfig | None = Field(None, description="Held-out loss during training (optional).")
     train: TrainConfig = Field(TrainConfig(), description="Schedule and optimizer.")
-    save_model: bool = Field(True, description="Write the final model (+ tokenizer) in HF format to output_dir/model "
-                                               "(with LoRA: the adapter to output_dir/adapter).")
+    save_model: bool = Field(True, description="Write the final model (for distill: the student) + tokenizer in HF "
+                                               "format to output_dir/model (with LoRA: the adapter to "
+                                               "output_dir/adapter).")
+
+
+class SFTConfig(SupervisedRunConfig):
+    model: ModelConfig = Field(description="The model to fine-tune.")
+    data: DataConfig = Field(description="The training sources and how to tokenise them (docs/data.md).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε: each token's loss is (1 − ε)·CE + ε·mean over "
                                                                  "the vocabulary of −log p.")
 
@@ -60,7 +81,7 @@ class ReweightTrainConfig(ScheduleConfig):
                               "'stratified': a fixed share per source in every batch (small sources always present).")
 
 
-class ReweightConfig(RunConfig, TrackingConfig, AdaptersOrLayers):
+class ReweightConfig(RunConfig, TrackingConfig, LisaOrLoraConfig):
     model: ModelConfig = Field(description="The model whose two copies (u, w) are trained.")
     data: DataConfig = Field(description="The candidate sources to weigh.")
     validation: ValidationConfig = Field(description="The target: a small validation set (sources pooled).")
@@ -71,7 +92,7 @@ class ReweightConfig(RunConfig, TrackingConfig, AdaptersOrLayers):
 
 
 class MixConfig(RunConfig):
-    data: SourceListConfig = Field(description="The sources the weights name (conversation formats).")
+    data: RecordSourcesConfig = Field(description="The sources the weights name (conversation formats).")
     weights: dict[str, float] | str = path_field(description="{source: weight} or a weights.json path (from "
                                                              "reweight).")
     num_examples: int = Field(ge=1, description="N: size of the mixture.")
@@ -129,15 +150,10 @@ class DistillLossConfig(StrictModel):
     online_temperature: float = Field(1.0, gt=0, description="Softmax temperature of online KD (loss × T²).")
 
 
-class DistillConfig(RunConfig, TrackingConfig, AdaptersOrLayers):
+class DistillConfig(SupervisedRunConfig):
     cache: str = path_field(description="The teacher cache of the training data (`lmrefinery teacher`).")
     student: StudentConfig = Field(StudentConfig(), description="The student's init and compute settings.")
     loss: DistillLossConfig = Field(DistillLossConfig(), description="The distillation loss.")
-    sampling: SamplingConfig = Field(SamplingConfig(), description="How batches draw from the cached sources.")
-    validation: ValidationConfig | None = Field(None, description="Held-out loss during training (optional).")
-    train: TrainConfig = Field(TrainConfig(), description="Schedule and optimizer.")
-    save_model: bool = Field(True, description="Write the final student in HF format to output_dir/model (with "
-                                               "LoRA: the adapter to output_dir/adapter).")
 
     @model_validator(mode="after")
     def _keep_layers_adapters_are_merged(self):
@@ -153,27 +169,25 @@ class _EvaluateCommon(RunConfig):
     batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
 
 
-class LossEvaluateConfig(_EvaluateCommon):
+class LossEvaluateConfig(_EvaluateCommon, CalibrationBinsConfig):
     task: Literal["loss"] = Field("loss", description="Token-mean loss, perplexity, next-token calibration.")
     data: DataConfig = Field(description="The sources to score, tokenised as in training.")
-    n_bins: int = Field(10, ge=2, description="Bins of the next-token ECE.")
 
 
-class MCQEvaluateConfig(_EvaluateCommon):
+class MCQEvaluateConfig(_EvaluateCommon, CalibrationBinsConfig):
     task: Literal["mcq"] = Field(description="Multiple-choice accuracy and calibration.")
-    data: SourcesConfig = Field(description="Multiple-choice item files (docs/evaluate.md).")
-    n_bins: int = Field(10, ge=2, description="Calibration bins.")
+    data: ConversationSourcesConfig = Field(description="Multiple-choice item files (docs/evaluate.md).")
     temperature: float = Field(1.0, gt=0, description="Divide the logits by T before the softmax (post-hoc "
                                                        "temperature scaling, e.g. fitted by `compare`).")
 
 
 class ExactMatchEvaluateConfig(_EvaluateCommon):
     task: Literal["exact_match"] = Field(description="Greedy answers scored against references.")
-    data: SourcesConfig = Field(description="Conversations whose last turn is the reference answer.")
+    data: ConversationSourcesConfig = Field(description="Conversations whose last turn is the reference answer.")
     max_new_tokens: int = Field(32, ge=1, description="Greedy decoding length.")
 
 
-class LMEvalEvaluateConfig(_EvaluateCommon):
+class LMEvalEvaluateConfig(_EvaluateCommon, CalibrationBinsConfig):
     task: Literal["lm-eval"] = Field(description="lm-evaluation-harness tasks, plus calibration of the "
                                                  "multiple-choice ones.")
     tasks: list[str] = path_field(description="lm-eval task names, or task YAML files (their relative data paths "
@@ -182,7 +196,6 @@ class LMEvalEvaluateConfig(_EvaluateCommon):
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; default: each task's own.")
     limit: int | None = Field(None, ge=1, description="Score only the first N documents of each task.")
     apply_chat_template: bool = Field(False, description="Wrap each prompt in the model's chat template.")
-    n_bins: int = Field(10, ge=2, description="Calibration bins.")
 
 
 EVALUATE_TASKS = ("loss", "mcq", "exact_match", "lm-eval")
@@ -200,11 +213,10 @@ EvaluateConfig = Annotated[Union[Annotated[LossEvaluateConfig, Tag("loss")],
                            Discriminator(_evaluate_task)]
 
 
-class CalibrationReportConfig(StrictModel):
+class CalibrationReportConfig(CalibrationBinsConfig):
     samples: list[str] = path_field(description="lm-eval --log_samples files (samples_<task>_<date>.jsonl).",
                                     min_length=1)
     output_dir: str = path_field("calibration-report", description="Where calibration.json and plots/ go.")
-    n_bins: int = Field(10, ge=2, description="Calibration bins.")
     target_delimiter: str = Field(" ", description="The tasks' target_delimiter (lm-eval's default ' '): removed "
                                                    "from each continuation to get the choice whose length "
                                                    "acc_norm divides by.")

@@ -9,8 +9,15 @@ from pydantic import Field, field_validator, model_validator
 
 from lmrefinery.config.commands import ReweightTrainConfig, ScaleBiOConfig, StudentConfig
 from lmrefinery.config.loading import StrictModel, path_field
-from lmrefinery.config.sections import (CalibrationSettings, LISAConfig, ModelConfig, SourceConfig, TrainConfig,
-                                        unique_source_names)
+from lmrefinery.config.sections import (
+    CalibrationBinsConfig,
+    CalibrationSettings,
+    LISAConfig,
+    ModelConfig,
+    SourceConfig,
+    TrainConfig,
+    unique_source_names,
+)
 
 MIXTURE_METHODS = ("uniform", "proportional", "less", "rho", "scalebio")
 DISTILL_METHODS = ("sft", "sft_temperature", "sft_label_smoothing", "topk_kd", "topk_kd_other", "online_kd", "first",
@@ -36,8 +43,9 @@ class ScaleBiOMethodConfig(StrictModel):
 
 class MixtureCompareConfig(StrictModel):
     methods: list[Literal[MIXTURE_METHODS]] = Field(list(MIXTURE_METHODS), min_length=1,
-                                                    description="Methods to run; the first is the reference every "
-                                                                "other one is compared with (uniform by default).")
+                                                    description="Methods to run; the first-listed is the reference "
+                                                                "every other one is compared with (uniform by "
+                                                                "default).")
     sources: list[SourceConfig] | None = Field(None, min_length=1, description="The pool every method draws from "
                                                                                 "(filled in by demo_data).")
     validation: list[SourceConfig] | None = Field(None, min_length=1, description="The target's validation set.")
@@ -68,12 +76,14 @@ class TeacherSpec(StrictModel):
     finetune_lr: float | None = Field(None, ge=0, description="Its learning rate; default: train.lr.")
 
 
-class DistillCompareConfig(StrictModel):
+class DistillCompareConfig(CalibrationBinsConfig):
+    renamed_keys = {"train": "train_sources"}  # `train` is the comparison's schedule one level up
+
     methods: list[Literal[DISTILL_METHODS]] = Field(list(DISTILL_METHODS), min_length=1,
-                                                    description="Methods to run; the first is the reference every "
-                                                                "other one is compared with (sft by default).")
+                                                    description="Methods to run; the first-listed is the reference "
+                                                                "every other one is compared with (sft by default).")
     teacher: TeacherSpec
-    train: list[SourceConfig] | None = Field(None, min_length=1, description="Conversations the students learn "
+    train_sources: list[SourceConfig] | None = Field(None, min_length=1, description="Conversations the students learn "
                                                                               "from (filled in by demo_data).")
     validation_items: str | None = path_field(None, description="Held-out multiple-choice items: FIRST's "
                                                                  "calibration cache and the post-hoc temperature are "
@@ -89,7 +99,6 @@ class DistillCompareConfig(StrictModel):
                                            description="FIRST's calibration of the teacher on the validation items' "
                                                        "cache (answer positions by default: these are MCQ items).")
     hard_label_weight: float = Field(0.0, ge=0, le=1, description="β of every top-k method (the paper: 0).")
-    n_bins: int = Field(10, ge=2, description="Calibration bins.")
 
 
 class CompareConfig(StrictModel):
@@ -121,7 +130,7 @@ class CompareConfig(StrictModel):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if self.demo_data is None:
             for section, keys in (("mixture", ("sources", "validation", "test")),
-                                  ("distillation", ("train", "validation_items", "test_items"))):
+                                  ("distillation", ("train_sources", "validation_items", "test_items"))):
                 missing = [key for key in keys if getattr(self, section) is not None
                            and getattr(getattr(self, section), key) is None]
                 if missing:

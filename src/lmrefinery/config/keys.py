@@ -8,7 +8,6 @@ import typing
 from dataclasses import dataclass
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
 from lmrefinery.config.loading import model_classes
 
@@ -36,6 +35,14 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _default_text(field) -> str:
+    """What --help prints as a key's default: its value, including one a factory makes (e.g. an empty list)."""
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    return "section defaults" if isinstance(value, BaseModel) else repr(value)
+
+
 def config_keys(model: type[BaseModel], prefix: str = "") -> list[ConfigKey]:
     """Leaf keys first-level-first: a section's keys follow the section's own line."""
     keys = []
@@ -44,8 +51,7 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> list[ConfigKey]:
         classes = model_classes(field.annotation)
         is_list = typing.get_origin(field.annotation) is list or any(
             typing.get_origin(a) is list for a in typing.get_args(field.annotation))
-        default = "required" if field.default is PydanticUndefined and field.default_factory is None else (
-            "section defaults" if isinstance(field.default, BaseModel) else repr(field.default))
+        default = _default_text(field)
         description = (field.description or "").strip()
         if len(classes) == 1:
             keys.append(ConfigKey(key, "list of sections" if is_list else "section", default, description))

@@ -13,21 +13,28 @@ written as an explicit relative path, `./…` or `../…`).
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lmrefinery.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 class StrictModel(BaseModel):
-    """Every config section: unknown keys are errors (a typo must not be silently ignored)."""
+    """Every config section: unknown keys are errors (a typo must not be silently ignored).
+
+    `renamed_keys` maps a key's old name to its new one: a config file or override that still uses the old name is
+    read under the new one, with a one-line notice, for one release."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    renamed_keys: ClassVar[dict[str, str]] = {}
 
 
 ConfigT = TypeVar("ConfigT")
@@ -105,6 +112,25 @@ def resolve_relative_paths(tree: Any, model: type[BaseModel] | None, base: Path)
             value = resolve_relative_paths(value, _field_class(model, key), base)
         resolved[key] = value
     return resolved
+
+
+def apply_renamed_keys(tree: Any, model: type[BaseModel] | None, prefix: str = "") -> Any:
+    """Old key names → new ones throughout `tree` (see StrictModel.renamed_keys), each with a one-line notice."""
+    if isinstance(tree, list):
+        return [apply_renamed_keys(item, model, prefix) for item in tree]
+    if not isinstance(tree, dict) or model is None:
+        return tree
+    renamed = {}
+    for key, value in tree.items():
+        new = getattr(model, "renamed_keys", {}).get(key)
+        if new is not None:
+            if new in tree:
+                raise UserError(f"{prefix}{key} and {prefix}{new}: {key} is the old name of {new}; give only {new}")
+            log.warning("config key %s%s is now %s%s; the old name will be removed in the next release",
+                        prefix, key, prefix, new)
+            key = new
+        renamed[key] = apply_renamed_keys(value, _field_class(model, key), f"{prefix}{key}.")
+    return renamed
 
 
 def _resolve_path(value: Any, mode: str, base: Path) -> Any:
@@ -221,13 +247,30 @@ def load_config(cls: type[ConfigT], path: str | os.PathLike | None, overrides: l
             raise UserError(_yaml_error(path, exc)) from None
         if not isinstance(tree, dict):
             raise UserError(f"{path}: expected a mapping of config keys at the top level")
+        tree = apply_renamed_keys(tree, _class_or_none(cls, tree))
         tree = resolve_relative_paths(tree, _class_or_none(cls, tree), Path(path).resolve().parent)
     keys = []
     for text in overrides:
         key, value = _parse_override(text)
+        key = _renamed_path(_class_or_none(cls, tree), key)
         apply_override(tree, key, value)
         keys.append(".".join(key))
     return validate_config(cls, tree, origin, keys)
+
+
+def _renamed_path(model: type[BaseModel] | None, path: list[str]) -> list[str]:
+    """An override's key with old names replaced by new ones (see StrictModel.renamed_keys), with the notice."""
+    renamed = []
+    for part in path:
+        new = getattr(model, "renamed_keys", {}).get(part) if model is not None else None
+        if new is not None:
+            log.warning("config key %s is now %s; the old name will be removed in the next release",
+                        ".".join(renamed + [part]), ".".join(renamed + [new]))
+            part = new
+        renamed.append(part)
+        if not part.isdigit():
+            model = _field_class(model, part)
+    return renamed
 
 
 def dump_config(config: BaseModel) -> str:

@@ -77,7 +77,7 @@ def unique_source_names(sources: list[SourceConfig] | None) -> list[SourceConfig
     return sources
 
 
-class SourceListConfig(StrictModel):
+class RecordSourcesConfig(StrictModel):
     """Files to read, record by record (`mix`)."""
 
     sources: list[SourceConfig] = Field(min_length=1, description="Named data files.")
@@ -87,14 +87,14 @@ class SourceListConfig(StrictModel):
     _unique = field_validator("sources")(unique_source_names)
 
 
-class SourcesConfig(SourceListConfig):
+class ConversationSourcesConfig(RecordSourcesConfig):
     """Files whose conversations a model reads (the evaluation tasks that score items rather than tokens)."""
 
     system_prompt: str | None = Field(
         None, description="System message for conversations that have none; None leaves the chat template's default.")
 
 
-class DataConfig(SourcesConfig):
+class DataConfig(ConversationSourcesConfig):
     """Sources tokenised for training or loss evaluation."""
 
     max_length: int = Field(1024, ge=8, description="Token limit per example.")
@@ -183,7 +183,14 @@ class ValidationConfig(StrictModel):
     _unique = field_validator("sources")(unique_source_names)
 
 
-class CalibrationSettings(StrictModel):
+class CalibrationBinsConfig(StrictModel):
+    """The one definition of the calibration bins, shared by every command that measures calibration."""
+
+    n_bins: int = Field(10, ge=2, description="Equal-width confidence bins of ECE, MCE and the reliability diagrams "
+                                              "(equal-mass ECE uses as many equal-count bins).")
+
+
+class CalibrationSettings(CalibrationBinsConfig):
     transform: Literal["prob_temperature", "logit_temperature"] = Field(
         "prob_temperature", description="FIRST's temperature on the probabilities, or the usual one on the logits.")
     objective: Literal["ece", "nll"] = Field("ece", description="What the temperature search minimises.")
@@ -191,7 +198,6 @@ class CalibrationSettings(StrictModel):
         "all", description="Held-out positions the search scores: 'all' response positions, or 'answer' — the first "
                            "response position of each example (the option letter of multiple-choice conversations; "
                            "the near-certain end-of-turn token after it would otherwise pull the temperature down).")
-    n_bins: int = Field(10, ge=2, description="ECE bins.")
     grid: list[float] | None = Field(
         None, min_length=1, description="Coarse grid of temperatures; default 0.1 … 1.0 for prob_temperature, "
                                         "0.25 … 3.0 for logit_temperature. Extended upward while the best is its "

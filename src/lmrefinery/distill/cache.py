@@ -95,7 +95,8 @@ class ConcentrationStats:
     def from_json(cls, data: dict) -> "ConcentrationStats":
         histograms = np.zeros((len(STAT_KS), HISTOGRAM_BINS), dtype=np.int64)
         for row, pairs in zip(histograms, data["histograms"]):
-            if pairs and not isinstance(pairs[0], list):  # the dense form of earlier versions
+            if pairs and not isinstance(pairs[0], list):  # dense rows (one count per bin): still read, so that
+                # caches written in that form keep working
                 row[:] = pairs
             for index, count in (pairs if pairs and isinstance(pairs[0], list) else []):
                 row[index] = count

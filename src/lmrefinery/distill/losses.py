@@ -1,4 +1,4 @@
-"""Top-k distillation losses (spec/first.md §4–5), computed without a full-vocabulary fp32 tensor.
+"""Top-k distillation losses (docs/methods/first.md §5), computed without a full-vocabulary fp32 tensor.
 
 At each supervised position the teacher contributes k token ids with their full-vocabulary log-probabilities (and the
 tail log-mass log(1 − Σ p)). The teacher distribution over the k buckets (k + 1 with `other_bucket`) is

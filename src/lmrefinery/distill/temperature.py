@@ -1,4 +1,4 @@
-"""FIRST's trustworthy maximisation (spec/first.md §4): choose the teacher temperature on held-out data.
+"""FIRST's trustworthy maximisation (docs/methods/first.md §4): choose the teacher temperature on held-out data.
 
 Each held-out response position is one prediction: the teacher's top-1 token, correct iff it is the true next token.
 Its confidence under a temperature c is P_T(1) from the chosen transform over the k cached buckets. A grid search

@@ -1,5 +1,5 @@
-"""The teacher pass (spec/first.md §3): at response positions, the teacher's top-k token ids and log-probabilities
-from an fp32 log-softmax over the full vocabulary, plus the log of the mass outside them."""
+"""The teacher pass (docs/methods/first.md §3): at response positions, the teacher's top-k token ids and
+log-probabilities from an fp32 log-softmax over the full vocabulary, plus the log of the mass outside them."""
 
 from __future__ import annotations
 

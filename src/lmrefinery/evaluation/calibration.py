@@ -1,5 +1,5 @@
-"""Calibration metrics (spec/calibration.md): ECE, equal-mass (adaptive) ECE, MCE, Brier, NLL, selective accuracy,
-the coverage–accuracy curve, reliability diagrams.
+"""Calibration metrics (docs/methods/calibration.md): ECE, equal-mass (adaptive) ECE, MCE, Brier, NLL, selective
+accuracy, the coverage–accuracy curve, reliability diagrams.
 
 Binning convention (equal width, M bins): edges = linspace(0, 1, M + 1); bin m holds confidences c with
 edges[m] < c ≤ edges[m+1], and the first bin also holds c = 0. So c = 1 falls in the last bin (no hidden extra bin)

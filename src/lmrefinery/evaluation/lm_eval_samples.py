@@ -15,16 +15,25 @@ read correctly and is refused.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.special import softmax
 
 from lmrefinery.data.files import BadRecord, read_records
 from lmrefinery.errors import UserError
-from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, coverage_accuracy_auc,
-                                               expected_calibration_error, maximum_calibration_error,
-                                               negative_log_likelihood, selective_accuracy)
+from lmrefinery.evaluation.calibration import (
+    adaptive_calibration_error,
+    brier_score,
+    coverage_accuracy_auc,
+    expected_calibration_error,
+    maximum_calibration_error,
+    negative_log_likelihood,
+    reliability_diagram,
+    selective_accuracy,
+)
 
 SCORINGS = ("acc", "acc_norm")
 COVERAGES = (0.5, 0.8)
@@ -152,3 +161,34 @@ def calibration_metrics(items: list[ScoredItem], scoring: str, n_bins: int = 10)
             "mean_confidence": float(confidence.mean()),
             **{f"selective_accuracy@{c:g}": selective_accuracy(confidence, correct, c) for c in COVERAGES},
             "coverage_accuracy_auc": coverage_accuracy_auc(confidence, correct)}
+
+
+SAMPLES_NAME = re.compile(r"^samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.]+$")
+
+
+def task_name(path: Path) -> str:
+    """The task a samples file is for: lm-eval names them samples_<task>_<ISO date>.jsonl."""
+    match = SAMPLES_NAME.match(Path(path).stem)
+    return match["task"] if match else Path(path).stem
+
+
+def calibration_report(samples_files: dict[str, Path], output_dir: Path, n_bins: int,
+                       target_delimiter: str = " ") -> dict:
+    """{task: {scoring: metrics}} for the given samples files; reliability diagrams written to output_dir/plots."""
+    items_by_task = {task: read_samples(str(path), target_delimiter) for task, path in samples_files.items()}
+    report = {}  # every file is read (and any bad one refused) before anything is written
+    for task, items in items_by_task.items():
+        report[task] = {"samples_file": str(samples_files[task])}
+        for scoring in SCORINGS:
+            report[task][scoring] = calibration_metrics(items, scoring, n_bins)
+            confidence, correct = confidences_and_correct(items, scoring)
+            reliability_diagram(confidence, correct, output_dir / "plots" / f"reliability-{task}-{scoring}.png",
+                                n_bins, f"{task} ({scoring} scoring)")
+    return report
+
+
+def summary_lines(report: dict) -> dict:
+    """What the commands print: per task and scoring, accuracy and the headline calibration figures."""
+    return {task: {scoring: {key: round(values[scoring][key], 4) for key in ("accuracy", "ece", "equal_mass_ece",
+                                                                              "brier", "nll")}
+                   for scoring in SCORINGS} for task, values in report.items()}

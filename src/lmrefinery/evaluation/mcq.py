@@ -1,4 +1,4 @@
-"""Multiple-choice QA scored at the answer position (spec/first.md §7), with calibration.
+"""Multiple-choice QA scored at the answer position (docs/methods/first.md §7), with calibration.
 
 Items (data/mcq_items.py) are shown through the prompt builder training uses (`ChatEncoder.prompt_ids`). The
 prediction is the top-1 next token over the full vocabulary; it is correct iff it is a token of the gold letter ("A"
@@ -14,8 +14,13 @@ import torch
 from lmrefinery.data.mcq_items import MCQItem
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.errors import UserError
-from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, expected_calibration_error,
-                                               maximum_calibration_error, negative_log_likelihood)
+from lmrefinery.evaluation.calibration import (
+    adaptive_calibration_error,
+    brier_score,
+    expected_calibration_error,
+    maximum_calibration_error,
+    negative_log_likelihood,
+)
 from lmrefinery.models.head import logits_at
 from lmrefinery.train.precision import autocast
 

@@ -9,19 +9,25 @@ import logging
 import shutil
 from pathlib import Path
 
-from lmrefinery.config import (EvaluateConfig, ExactMatchEvaluateConfig, LMEvalEvaluateConfig, LossEvaluateConfig,
-                               MCQEvaluateConfig, dump_config)
+from lmrefinery.config import (
+    EvaluateConfig,
+    ExactMatchEvaluateConfig,
+    LMEvalEvaluateConfig,
+    LossEvaluateConfig,
+    MCQEvaluateConfig,
+    dump_config,
+)
 from lmrefinery.data.mcq_items import load_items
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.errors import UserError
 from lmrefinery.evaluation.calibration import reliability_diagram
 from lmrefinery.evaluation.exact_match import generate_answers, load_prompts, score
 from lmrefinery.evaluation.lm_eval_run import run_tasks
+from lmrefinery.evaluation.lm_eval_samples import calibration_report, summary_lines
 from lmrefinery.evaluation.loss import evaluate_loss
 from lmrefinery.evaluation.mcq import mcq_metrics, score_items
 from lmrefinery.fileio import atomic_write_json, atomic_write_text, output_directory
 from lmrefinery.models import load_model, load_tokenizer
-from lmrefinery.recipes.calibration import calibration_report, summary_lines
 from lmrefinery.recipes.common import load_data
 from lmrefinery.train.checkpoint import seed_everything
 from lmrefinery.train.distributed import progress_bar, setup_distributed, shard_model

@@ -1,4 +1,4 @@
-"""`lmrefinery teacher`: the teacher's top-k cache over the training data (spec/first.md §3).
+"""`lmrefinery teacher`: the teacher's top-k cache over the training data (docs/methods/first.md §3).
 
 Batched teacher forward passes through `distill.topk.teacher_topk` (response positions only, fp32 log-softmax).
 Shards of `shard_size` examples are written atomically; a rerun with --resume keeps finished shards and redoes the
@@ -14,8 +14,15 @@ import torch
 
 from lmrefinery.config import TeacherConfig
 from lmrefinery.data.collate import collate
-from lmrefinery.distill.cache import (MANIFEST, ConcentrationStats, completed_shards, id_dtype_for,
-                                      shard_provenance, write_manifest, write_shard)
+from lmrefinery.distill.cache import (
+    MANIFEST,
+    ConcentrationStats,
+    completed_shards,
+    id_dtype_for,
+    shard_provenance,
+    write_manifest,
+    write_shard,
+)
 from lmrefinery.distill.topk import teacher_topk
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import output_directory, remove_temporaries

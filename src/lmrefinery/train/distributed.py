@@ -106,3 +106,13 @@ def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
 def gradient_sum_factor(env: DistEnv) -> float:
     """FSDP averages gradients over ranks; losses are normalised by the global token count, so we want the sum."""
     return float(env.world_size)
+
+
+def default_device() -> torch.device:
+    """The device a single-process stage runs on: the first GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def single_process_progress(total: int, description: str):
+    """A progress bar for work done outside a distributed run (one process, one bar)."""
+    return progress_bar(DistEnv(), total, description)

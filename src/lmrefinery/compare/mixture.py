@@ -13,14 +13,14 @@ import torch
 from lmrefinery.baselines.less import CountSketch, cosine_to_mean, gradient_features, last_block_parameters
 from lmrefinery.baselines.mixture import fill_budget, mixture_within_budget, rank_by_score, realised_shares
 from lmrefinery.baselines.rho import example_losses, excess_loss
+from lmrefinery.compare.stages import evaluate_answers, run_stage, source_trees, train_tree
 from lmrefinery.config import CompareConfig, DataConfig, ReweightConfig, SFTConfig
 from lmrefinery.data.sources import read_conversations
 from lmrefinery.fileio import atomic_write_text
 from lmrefinery.models import load_model
 from lmrefinery.recipes import reweight, sft
 from lmrefinery.recipes.common import load_data
-from lmrefinery.recipes.stages import (device, evaluate_answers, progress, run_stage, source_trees,
-                                       train_tree)
+from lmrefinery.train.distributed import default_device, single_process_progress
 
 
 def token_budget(config: CompareConfig, pool) -> int:
@@ -129,10 +129,10 @@ def less(config: CompareConfig, seed: int, directory: str) -> dict:
     scores = _saved_scores(directory, pool)
     if scores is None:
         settings = config.mixture.less
-        model = load_model(config.model, device())
+        model = load_model(config.model, default_device())
         parameters = last_block_parameters(model, settings.layers)
         sketch = CountSketch([p.numel() for p in parameters], settings.dim, seed, parameters[0].device)
-        bar = progress(len(pool.examples) + len(validation.examples), "LESS gradient features")
+        bar = single_process_progress(len(pool.examples) + len(validation.examples), "LESS gradient features")
         features = [gradient_features(model, examples, sketch, parameters, config.model.precision,
                                       tokenizer.pad_token_id, bar) for examples in (pool, validation)]
         bar.close()
@@ -156,10 +156,10 @@ def rho(config: CompareConfig, seed: int, directory: str) -> dict:
     scores = _saved_scores(directory, pool)
     if scores is None:
         losses = {}
-        bar = progress(2 * -(-len(pool.examples) // config.eval_batch_size), "RHO excess loss")
+        bar = single_process_progress(2 * -(-len(pool.examples) // config.eval_batch_size), "RHO excess loss")
         for role, source in (("current", config.model), ("reference", config.model.model_copy(
                 update={"name_or_path": str(reference_dir / "model")}))):
-            model = load_model(source, device(), training=False)
+            model = load_model(source, default_device(), training=False)
             losses[role] = example_losses(model, pool, config.eval_batch_size, config.model.precision,
                                           tokenizer.pad_token_id, bar)
             del model

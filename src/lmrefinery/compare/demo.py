@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmrefinery.compare import run as compare
+from lmrefinery.compare.demo_report import write_report
 from lmrefinery.config import CompareConfig, DemoConfig, validate_config
-from lmrefinery.recipes import compare
-from lmrefinery.recipes.demo_report import write_report
 
 # The quick preset is sized for ≤ 3 minutes on 2 CPU cores (it shows the pipeline, not the effects); the default
 # one for ≤ 15 minutes from a fresh clone, install included.

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lmrefinery.compare.statistics import claims, distillation_statistics, mixture_statistics
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.plots import bar_panels
-from lmrefinery.recipes.compare_statistics import claims, distillation_statistics, mixture_statistics
 
 TEST_NAMES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 

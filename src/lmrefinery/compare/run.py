@@ -1,14 +1,14 @@
 """`lmrefinery compare`: the papers' baselines side by side, under one budget, on one test, over several seeds.
 
-Mixture / selection (compare_mixture.py): each method makes an SFT set within one token budget from the same pool,
+Mixture / selection (mixture.py): each method makes an SFT set within one token budget from the same pool,
 then one pass of the same SFT settings over it; scored on the target's test set (per-example loss, exact match).
-Distillation (compare_distillation.py): the same student init, steps, batch and learning rate for every student;
+Distillation (distillation.py): the same student init, steps, batch and learning rate for every student;
 scored on in-domain and out-of-domain multiple-choice tests (accuracy, ECE, NLL, Brier).
 
 Every method runs once per seed, each run in its own fresh process (its wall time and peak memory are its own); its
 result.json is the unit of resume, so an interrupted comparison continues with the next (method, seed). Stages that
 several methods need (teacher fine-tuning, teacher caches, calibration) run once, in this process. The report
-(compare_report.py) pools seeds × test items: means with 95% bootstrap CIs and paired differences against the
+(report.py, statistics.py) pools seeds × test items: means with 95% bootstrap CIs and paired differences against the
 reference method (the first listed: uniform, sft).
 """
 
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from lmrefinery.compare import data, distillation, mixture
+from lmrefinery.compare.report import write_report
 from lmrefinery.config import CompareConfig, dump_config
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.logs import configure_logging
-from lmrefinery.recipes import compare_distillation, compare_mixture, demo_data
-from lmrefinery.recipes.compare_report import write_report
-from lmrefinery.recipes.stages import device
+from lmrefinery.train.distributed import default_device
 from lmrefinery.train.precision import peak_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _in_child(function, *args) -> dict:
     configure_logging()
     start = time.perf_counter()
     result = function(*args)
-    used = device()
+    used = default_device()
     result.update(wall_s=time.perf_counter() - start, peak_memory_bytes=peak_memory_bytes(used),
                   peak_memory_kind="accelerator allocated" if used.type == "cuda" else "process resident set")
     return result
@@ -70,7 +70,7 @@ def _mixture(config: CompareConfig, out: Path, isolate: bool) -> dict:
     for seed in config.seeds:
         for name in config.mixture.methods:
             directory = out / name / f"seed-{seed}"
-            results[name][seed] = run_method(directory, compare_mixture.METHODS[name], config, seed, str(directory),
+            results[name][seed] = run_method(directory, mixture.METHODS[name], config, seed, str(directory),
                                              isolate=isolate)
     return results
 
@@ -86,20 +86,20 @@ def _distillation(config: CompareConfig, out: Path, isolate: bool) -> tuple[dict
     if shared_path.exists():
         shared = json.loads(shared_path.read_text())
     else:
-        shared = compare_distillation.shared_stages(config, out)
+        shared = distillation.shared_stages(config, out)
         atomic_write_json(shared_path, shared)
         _release_accelerator_memory()  # the methods run in their own processes: leave them the whole device
     requested = config.distillation.methods
     order = list(requested)
-    for name, needed in compare_distillation.DEPENDS_ON.items():
+    for name, needed in distillation.DEPENDS_ON.items():
         if name in order and needed not in order:
             order.insert(order.index(name), needed)
     results = {name: {} for name in order}
     for seed in config.seeds:
         for name in order:
             directory = out / name / f"seed-{seed}"
-            inputs = [results[needed][seed]["model"]] if (needed := compare_distillation.DEPENDS_ON.get(name)) else []
-            results[name][seed] = run_method(directory, compare_distillation.METHODS[name], config, seed, shared,
+            inputs = [results[needed][seed]["model"]] if (needed := distillation.DEPENDS_ON.get(name)) else []
+            results[name][seed] = run_method(directory, distillation.METHODS[name], config, seed, shared,
                                              str(directory), *inputs, isolate=isolate)
     return {name: results[name] for name in requested}, shared
 
@@ -119,8 +119,8 @@ def run(config: CompareConfig, isolate: bool = True) -> Path:
     atomic_write_text(previous, resolved)
     started = time.perf_counter()
     if config.demo_data is not None:
-        paths = demo_data.build(out / "data", demo_data.DATA_SIZES[config.demo_data], config.data_seed)
-        config = demo_data.fill_compare_paths(config, paths)
+        paths = data.build(out / "data", data.DATA_SIZES[config.demo_data], config.data_seed)
+        config = data.fill_compare_paths(config, paths)
     results = {"mixture": None, "distillation": None, "shared": None}
     if config.mixture is not None:
         results["mixture"] = _mixture(config, out / "mixture", isolate)

@@ -6,8 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from lmrefinery.evaluation.calibration import expected_calibration_error
-from lmrefinery.evaluation.statistics import (Estimate, mean_estimate, paired_difference, set_metric_difference,
-                                              set_metric_estimate)
+from lmrefinery.evaluation.statistics import (
+    Estimate,
+    mean_estimate,
+    paired_difference,
+    set_metric_difference,
+    set_metric_estimate,
+)
 
 NLL_FLOOR = 1e-12
 

@@ -104,7 +104,8 @@ def fill_compare_paths(config: CompareConfig, paths: dict) -> CompareConfig:
     if config.distillation is not None:
         distillation, mcq = config.distillation, paths["mcq"]
         update["distillation"] = distillation.model_copy(update={
-            "train": distillation.train or [SourceConfig(name="mcq", path=str(mcq["train_conversations"]))],
+            "train_sources": distillation.train_sources or [SourceConfig(name="mcq",
+                                                                         path=str(mcq["train_conversations"]))],
             "validation_items": distillation.validation_items or str(mcq["heldout"]),
             "test_items": distillation.test_items or str(mcq["test"]),
             "ood_test_items": distillation.ood_test_items or (None if distillation.test_items

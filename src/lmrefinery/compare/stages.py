@@ -9,14 +9,11 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from lmrefinery.config import EvaluateConfig, ModelConfig, StudentConfig, validate_config
 from lmrefinery.distill.student import every_nth, keep_layers
 from lmrefinery.fileio import atomic_directory
 from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
 from lmrefinery.recipes import evaluate
-from lmrefinery.train.distributed import DistEnv, progress_bar
 from lmrefinery.train.run_dir import release_run_locks
 
 log = logging.getLogger(__name__)
@@ -109,15 +106,6 @@ def evaluate_mcq(directory: Path, model: str | Path, item_files: dict[str, str |
                         "format_misses": metrics["format_misses"],
                         "per_item": {key: [float(row[key]) for row in mine] for key in MCQ_ITEM_KEYS}}
     return result
-
-
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def progress(total: int, description: str):
-    """A progress bar for a single-process stage."""
-    return progress_bar(DistEnv(), total, description)
 
 
 def save_student_init(teacher_dir: str | Path, target: Path, student: StudentConfig) -> Path:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from lmrefinery.baselines.temperature_scaling import fit_temperature
-from lmrefinery.config import (CalibrateConfig, CompareConfig, DistillConfig, ModelConfig, SFTConfig,
-                               TeacherConfig)
+from lmrefinery.compare.stages import evaluate_mcq, run_stage, save_student_init, source_trees, train_tree
+from lmrefinery.config import CalibrateConfig, CompareConfig, DistillConfig, ModelConfig, SFTConfig, TeacherConfig
 from lmrefinery.data.mcq_items import load_items, mcq_conversation
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.distill.losses import teacher_distribution
@@ -22,10 +22,7 @@ from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.models import load_model, load_tokenizer
 from lmrefinery.recipes import calibrate, distill, sft, teacher
 from lmrefinery.recipes.common import load_cache_with_data
-from lmrefinery.recipes.stages import (device, evaluate_mcq, run_stage, save_student_init, source_trees,
-                                       train_tree)
-
-REFERENCE = "sft"
+from lmrefinery.train.distributed import default_device
 
 
 def test_sets(config: CompareConfig) -> dict[str, str]:
@@ -82,14 +79,14 @@ def shared_stages(config: CompareConfig, out: Path) -> dict:
         steps = distillation.teacher.finetune_steps
         run_stage(sft, SFTConfig, {
             "output_dir": str(teacher_dir), "seed": config.data_seed, "model": {"name_or_path": teacher_model},
-            "data": {"sources": source_trees(distillation.train), "max_length": distillation.max_length},
+            "data": {"sources": source_trees(distillation.train_sources), "max_length": distillation.max_length},
             "train": train_tree(config, steps=steps, checkpoint_every=steps,
                             lr=distillation.teacher.finetune_lr or config.train.lr)},
             teacher_dir / "summary.json", teacher_dir)
         timings["teacher fine-tuning"] = time.perf_counter() - started
         teacher_model = str(teacher_dir / "model")
     started = time.perf_counter()
-    caches = {"train": _cache(config, out, "cache-train", teacher_model, source_trees(distillation.train))}
+    caches = {"train": _cache(config, out, "cache-train", teacher_model, source_trees(distillation.train_sources))}
     for name, items in {"validation": distillation.validation_items, **test_sets(config)}.items():
         conversations = write_mcq_conversations(items, out / f"{name}.conversations.jsonl")
         caches[name] = _cache(config, out, f"cache-{name}", teacher_model,
@@ -119,7 +116,7 @@ def _student_sft(config: CompareConfig, seed: int, shared: dict, run_dir: Path, 
     run_stage(sft, SFTConfig, {
         "output_dir": str(run_dir), "seed": seed,
         "model": {"name_or_path": shared["student_init"], **distillation.student.compute()},
-        "data": {"sources": source_trees(distillation.train), "max_length": distillation.max_length},
+        "data": {"sources": source_trees(distillation.train_sources), "max_length": distillation.max_length},
         "train": train_tree(config), "label_smoothing": label_smoothing}, run_dir / "summary.json", run_dir)
     return run_dir / "model"
 
@@ -137,11 +134,11 @@ def student_sft_temperature(config: CompareConfig, seed: int, shared: dict, dire
     precision = config.distillation.student.precision
     model_config = ModelConfig(name_or_path=sft_model, precision=precision)
     encoder = ChatEncoder(load_tokenizer(model_config))
-    model = load_model(model_config, device(), training=False)
+    model = load_model(model_config, default_device(), training=False)
     items = load_items(config.distillation.validation_items)
     variants = option_variants(encoder.tokenizer, items)
     logits = torch.cat([chunk for _, chunk in answer_logits(model, encoder, items, config.eval_batch_size, precision,
-                                                            device())])
+                                                            default_device())])
     temperature = fit_temperature(logits, [variants[i][item.gold] for i, item in enumerate(items)])
     del model
     atomic_write_json(directory / "temperature.json", {"temperature": temperature, "objective": "nll",
