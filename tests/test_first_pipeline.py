@@ -79,6 +79,10 @@ def test_calibrate_lowers_ece_of_an_overconfident_teacher(tmp_path, tiny_model_d
     temperatures = [point["temperature"] for point in result["curve"]]
     assert any(abs(t - round(t, 1)) > 1e-6 for t in temperatures)  # the fine grid was searched
     assert (tmp_path / "cal" / "plots" / "reliability-after.png").exists()
+    # the out-of-sample figure is reported beside it: a real miscalibration is fixed out of sample too
+    assert result["cross_validation"]["folds"] == 5 and len(result["cross_validation"]["temperatures"]) == 5
+    assert result["ece_after_cross_validated"] == result["cross_validation"]["ece"]
+    assert result["ece_after"] <= result["ece_after_cross_validated"] < result["ece_before"] - 0.2
 
 
 def test_distilling_the_teacher_into_itself_has_zero_loss(tmp_path, tiny_model_dir):
@@ -94,7 +98,8 @@ def test_distilling_the_teacher_into_itself_has_zero_loss(tmp_path, tiny_model_d
         loss = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m][0]
         assert loss == pytest.approx(0.0, abs=1e-5)
     shifted = dict(common, output_dir=str(tmp_path / "other-student"),
-                   student={"init": "keep-layers", "keep_layers": [1]}, loss={"teacher_transform": "linear"})
+                   student={"init": "keep-layers", "keep_layers": [1]},
+                   loss={"teacher_transform": "linear", "other_bucket": False})
     assert run_cli("distill", "--config", write_yaml(tmp_path / "other.yaml", shifted)) == 0
     loss = [m["loss"] for m in read_metrics(tmp_path / "other-student" / "metrics.jsonl") if "loss" in m][0]
     assert loss > 1e-3
@@ -106,7 +111,7 @@ def test_distill_trains_and_uses_calibrated_temperature(tmp_path, tiny_model_dir
     calibration.write_text(json.dumps({"transform": "prob_temperature", "temperature": 0.3}))
     config = {"output_dir": str(tmp_path / "student"), "cache": str(cache),
               "student": {"init": "keep-layers", "keep_layers": [0]},
-              "loss": {"teacher_transform": "prob_temperature", "calibration": str(calibration)},
+              "loss": {"teacher_transform": "prob_temperature", "calibration": str(calibration), "other_bucket": False},
               "train": {"steps": 6, "batch_size": 14, "micro_batch_size": 7, "lr": 1e-3, "warmup_steps": 0,
                         "schedule": "constant"}}  # every step sees the whole pool: the loss must go down
     assert run_cli("distill", "--config", write_yaml(tmp_path / "d.yaml", config)) == 0
@@ -259,7 +264,7 @@ def test_distill_warns_when_the_student_mass_on_the_teacher_top_k_stays_low(tmp_
     cache = make_cache(tmp_path, teacher)
     other = save_tiny_model(tmp_path / "other", "llama", seed=7)
     common = {"cache": str(cache), "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-4},
-              "loss": {"teacher_transform": "linear"}}
+              "loss": {"teacher_transform": "linear", "other_bucket": False}}  # the restricted loss warns
     masses = {}
     for name, student in (("fresh", {"init": "model", "name_or_path": str(other)}),
                           ("self", {"init": "keep-layers", "keep_every": 1})):
@@ -295,3 +300,39 @@ def test_distill_warns_when_the_student_mass_on_the_teacher_top_k_stays_low(tmp_
         masses_per_token.append(torch.softmax(logits[positions].double(), -1).gather(-1, ids).sum(-1))
     direct = float(torch.cat(masses_per_token).mean())
     assert logged == pytest.approx(direct, abs=1e-5)
+
+
+def test_distill_defaults_to_the_other_bucket(tmp_path, tiny_model_dir):
+    """No loss keys: the run is the other-bucket run, step for step, and not the restricted one."""
+    cache = make_cache(tmp_path, tiny_model_dir)
+    common = {"cache": str(cache), "student": {"init": "keep-layers", "keep_layers": [0]}, "save_model": False,
+              "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 0}}
+    runs = {}
+    for name, loss in (("default", {}), ("bucket", {"other_bucket": True}), ("restricted", {"other_bucket": False})):
+        config = dict(common, output_dir=str(tmp_path / name), **({"loss": loss} if loss else {}))
+        assert run_cli("distill", "--config", write_yaml(tmp_path / f"{name}.yaml", config)) == 0
+        runs[name] = [m["loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in m]
+    assert runs["default"] == runs["bucket"] and runs["default"] != runs["restricted"]
+
+
+@pytest.mark.parametrize("source", ["teacher", "other"])
+def test_a_keep_layers_student_holds_every_other_block_of_the_chosen_model(tmp_path, source):
+    """keep_every 2 of a 4-block model: blocks 0 and 2 — of the teacher, or of `keep_layers_from` (e.g. the pretrained
+    model the teacher came from) — with that model's embeddings, final norm and head."""
+    teacher = save_tiny_model(tmp_path / "teacher", "llama", seed=0, layers=4)
+    other = save_tiny_model(tmp_path / "other", "llama", seed=5, layers=4)
+    cache = make_cache(tmp_path, teacher)
+    student = {"init": "keep-layers", "keep_every": 2} | ({"keep_layers_from": str(other)} if source == "other" else {})
+    config = {"output_dir": str(tmp_path / "student"), "cache": str(cache), "student": student,
+              "train": {"steps": 1, "batch_size": 2, "micro_batch_size": 2, "lr": 0.0, "warmup_steps": 0}}
+    assert run_cli("distill", "--config", write_yaml(tmp_path / "d.yaml", config)) == 0
+    made = AutoModelForCausalLM.from_pretrained(tmp_path / "student" / "model").state_dict()
+    chosen = AutoModelForCausalLM.from_pretrained(teacher if source == "teacher" else other).state_dict()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "student" / "model").config.num_hidden_layers == 2
+    for key, value in made.items():
+        origin = key
+        if ".layers." in key:  # student block i is the chosen model's block 2i
+            prefix, rest = key.split(".layers.", 1)
+            index, tail = rest.split(".", 1)
+            origin = f"{prefix}.layers.{2 * int(index)}.{tail}"
+        assert torch.equal(value, chosen[origin]), key

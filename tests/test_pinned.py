@@ -131,7 +131,7 @@ def test_teacher_cache_and_distill_losses_are_pinned(setting):
               "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 0},
               "save_model": False}
     losses = {
-        "first": {"teacher_transform": "prob_temperature", "temperature": 0.5},
+        "first": {"teacher_transform": "prob_temperature", "temperature": 0.5, "other_bucket": False},
         "other_hard": {"teacher_transform": "linear", "other_bucket": True, "hard_label_weight": 0.2,
                        "reduction": "sequence_sum"},
         "online": {"mode": "online", "online_temperature": 2.0},

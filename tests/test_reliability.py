@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmrefinery.train.checkpoint import checkpoint_steps
+from lmrefinery.train.checkpoint import checkpoint_steps, write_checksums
 from lmrefinery.train.run_dir import read_metrics
 from tests.helpers import REPO, losses, run_cli, sft_config, write_yaml
 from tests.tiny import messages_records, write_jsonl
@@ -250,6 +250,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_never_runs(tmp_pa
     state = torch.load(optimizer, weights_only=True)
     state["param_groups"][0]["payload"] = _SideEffect()
     torch.save(state, optimizer)
+    write_checksums(optimizer.parent)  # a checkpoint handed over whole: its checksums agree with the pickle
     assert run_cli("sft", "--config", config, "--resume", "train.steps=3") == 2
     err = capsys.readouterr().err
     assert f"{optimizer}: refused to load" in err and "Traceback" not in err

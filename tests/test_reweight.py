@@ -8,9 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from lmrefinery.data.builders import corrupt_answers, write_jsonl
 from lmrefinery.baselines.mixture import mixture_counts
-from tests.helpers import final_weights, resumed_after_kill, run_cli, run_one_and_two_processes, write_yaml
+from lmrefinery.data.builders import corrupt_answers, write_jsonl
+from lmrefinery.train.run_dir import read_metrics
+from tests.helpers import (final_weights, resumed_after_kill, run_cli, run_one_and_two_processes, write_yaml)
 from tests.tiny import save_tiny_model
 
 RATES = (0.0, 0.3, 0.6, 1.0)
@@ -48,10 +49,13 @@ def _reweight_config(tmp_path, model_dir, seed=0, **train):
 def assert_ordered_by_corruption(tmp_path, config: dict) -> None:
     """Run `reweight` on the designed sources: the cleaner a source, the higher its weight, the clean one above 0.4."""
     assert run_cli("reweight", "--config", write_yaml(tmp_path / "rw.yaml", config)) == 0
-    weights = json.loads((tmp_path / "run" / "weights.json").read_text())["weights"]
+    result = json.loads((tmp_path / "run" / "weights.json").read_text())
+    weights = result["weights"]
     ordered = [weights[name] for name in NAMES]
     assert ordered == sorted(ordered, reverse=True), weights
     assert ordered[0] > 0.4
+    # the corruption pushes λ consistently: the settle guard sees a signal (and so does not warn)
+    assert result["lambda_gradient_signal"]["settled"], result["lambda_gradient_signal"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -147,3 +151,44 @@ def test_mix_rejects_weights_that_do_not_name_the_sources(tmp_path, capsys):
     assert "weights: weights must name exactly the configured sources ['small']; missing ['small'], unknown ['other']" \
         in capsys.readouterr().err
     assert not (tmp_path / "mix").exists()
+
+
+def test_reweight_warns_when_the_weights_are_pushed_by_noise_alone(tmp_path, tiny_model_dir, caplog):
+    """Four sources drawn from one distribution: every λ-gradient is batch noise (its expectation is 0), so the
+    guard must find no consistent push and warn with the remedies; the designed-corruption runs above must not."""
+    pool = _arithmetic(160, 7)
+    sources = [{"name": f"same{i}", "path": str(write_jsonl(tmp_path / f"s{i}.jsonl", pool[40 * i: 40 * (i + 1)]))}
+               for i in range(4)]
+    config = _reweight_config(tmp_path, tiny_model_dir, 0, steps=24)
+    config["data"]["sources"] = sources
+    with caplog.at_level("WARNING"):
+        assert run_cli("reweight", "--config", write_yaml(tmp_path / "rw.yaml", config)) == 0
+    signal = json.loads((tmp_path / "run" / "weights.json").read_text())["lambda_gradient_signal"]
+    assert not signal["settled"] and signal["window_steps"] == 6
+    warnings = [r.getMessage() for r in caplog.records if "have not settled" in r.getMessage()]
+    assert len(warnings) == 1 and "train.sampling=stratified" in warnings[0]
+    assert "Not settled" in (tmp_path / "run" / "report.md").read_text()
+
+
+def _active_blocks(run, name: str) -> list:
+    return [(m["step"], m["active_layers"]) for m in read_metrics(run / "metrics.jsonl")
+            if m.get("event") == f"lisa_{name}"]
+
+
+@pytest.mark.parametrize("draw", ["shared", "independent"])
+def test_lisa_draw_shared_gives_u_and_w_the_same_blocks_at_every_step(tmp_path, tiny_model_dir, draw):
+    model_dir = save_tiny_model(tmp_path / "deep", "llama", seed=0, layers=4)
+    config = _reweight_config(tmp_path, model_dir, steps=12)
+    config["lisa"] = {"enabled": True, "layers": 1, "interval": 2}
+    config["scalebio"]["lisa_draw"] = draw
+    assert run_cli("reweight", "--config", write_yaml(tmp_path / "rw.yaml", config)) == 0
+    lower, upper = _active_blocks(tmp_path / "run", "lower"), _active_blocks(tmp_path / "run", "upper")
+    assert len(lower) == len(upper) == 6
+    assert (lower == upper) == (draw == "shared")
+
+
+def test_lisa_draw_shared_on_one_and_two_processes(tmp_path, tiny_model_dir):
+    config = _reweight_config(tmp_path, tiny_model_dir, steps=4, micro_batch_size=4)
+    config["lisa"] = {"enabled": True, "layers": 1, "interval": 2}
+    config["scalebio"]["lisa_draw"] = "shared"
+    same_weights_on_one_and_two_processes(tmp_path, config)

@@ -181,3 +181,22 @@ def test_gradient_clipping_is_in_the_same_units_for_u_and_w():
         core.step(train, val)
         assert float(core.lower_model.weight.grad.norm()) == pytest.approx(min(lower, max_norm), rel=1e-6)
         assert float(core.upper_model.weight.grad.norm()) == pytest.approx(min(upper, 10.0 * max_norm), rel=1e-6)
+
+
+def test_gradient_signal_to_noise_is_the_one_sample_t_statistic_and_separates_push_from_noise():
+    from scipy import stats
+
+    from lmrefinery.scalebio import gradient_signal_to_noise, weights_settled
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(25, 6, generator=generator, dtype=torch.float64)
+    expected = torch.tensor(abs(stats.ttest_1samp(noise.numpy(), 0.0).statistic))
+    torch.testing.assert_close(gradient_signal_to_noise(noise), expected)
+    # pure noise: rarely a consistent push anywhere; one source pushed at 1 sd per step: always
+    unsettled = [not weights_settled(gradient_signal_to_noise(torch.randn(25, 6, generator=generator)))
+                 for _ in range(50)]
+    assert sum(unsettled) >= 45
+    pushed = torch.randn(25, 6, generator=generator)
+    pushed[:, 2] += 1.0
+    assert weights_settled(gradient_signal_to_noise(pushed))
+    assert torch.isnan(gradient_signal_to_noise(torch.ones(1, 3))).all()

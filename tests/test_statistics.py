@@ -7,12 +7,8 @@ import pytest
 
 from lmrefinery.compare.statistics import claims
 from lmrefinery.evaluation.calibration import expected_calibration_error
-from lmrefinery.evaluation.statistics import (
-    mean_estimate,
-    paired_difference,
-    set_metric_difference,
-    set_metric_estimate,
-)
+from lmrefinery.evaluation.statistics import (mean_estimate, paired_difference, set_metric_difference,
+                                              set_metric_estimate)
 
 
 def test_mean_interval_matches_the_normal_theory_interval():
@@ -118,3 +114,51 @@ def test_distillation_claims_on_designed_results_whose_verdict_is_known(ece, acc
     found = {c["claim"]: c for c in claims(None, _distillation(ece, accuracy, recalibration))}
     assert found["c"]["held"] is expected_c and found["d"]["held"] is expected_d
     assert found["c"]["evidence"] == {"ece_difference": ece, "accuracy_difference": accuracy}
+
+
+def _ece_difference_trial(rng, overconfidence: float, n_items: int = 200):
+    """Two students scored on the same items: A is calibrated; B is calibrated too, or overconfident by a margin."""
+    confidence_a, confidence_b = rng.uniform(0.3, 1.0, n_items), rng.uniform(0.3, 1.0, n_items)
+    correct_a = (rng.random(n_items) < confidence_a).astype(float)
+    correct_b = (rng.random(n_items) < np.clip(confidence_b - overconfidence, 0, 1)).astype(float)
+    return set_metric_difference(expected_calibration_error, [(confidence_b, correct_b)],
+                                 [(confidence_a, correct_a)], n_resamples=499, seed=int(rng.integers(2**31)))
+
+
+def test_ece_difference_intervals_cover_zero_for_equal_students_and_detect_a_real_gap():
+    """Coverage: for two equally calibrated students the Δ-ECE interval excludes 0 in at most 8% of 200 trials; for
+    a student 0.2 overconfident it excludes 0, on the right side, in most trials. Every interval contains its
+    estimate (set metrics are biased under resampling; the interval is re-centred on the estimate)."""
+    rng = np.random.default_rng(0)
+    equal = [_ece_difference_trial(rng, 0.0) for _ in range(200)]
+    assert np.mean([e.excludes_zero for e in equal]) <= 0.08
+    gap = [_ece_difference_trial(rng, 0.2) for _ in range(40)]
+    assert np.mean([e.low > 0 for e in gap]) >= 0.75
+    assert all(e.low <= e.value <= e.high for e in equal + gap)
+
+
+def test_a_set_metric_interval_contains_its_estimate_where_the_bootstrap_is_biased():
+    """A small, well-calibrated item set: ECE on resampled items runs above the estimate (duplicated items make the
+    bins' accuracies noisier), yet the reported interval contains the estimate."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        confidence = rng.uniform(0.2, 1.0, 60)
+        correct = (rng.random(60) < confidence).astype(float)
+        estimate = set_metric_estimate(expected_calibration_error, [(confidence, correct)], n_resamples=499,
+                                       seed=trial)
+        assert estimate.low <= estimate.value <= estimate.high, (trial, estimate)
+
+
+@pytest.mark.parametrize("ece, accuracy, expected", [
+    (_interval(-0.04, -0.01), _interval(-0.01, 0.02), True),    # better calibrated than one fitted temperature
+    (_interval(-0.04, 0.01), _interval(0.01, 0.05), False),     # more accurate, but not better calibrated
+    (_interval(-0.04, -0.01), _interval(-0.05, -0.01), False),  # better calibrated at a cost in accuracy
+])
+def test_first_against_temperature_scaling_is_a_claim_of_its_own(ece, accuracy, expected):
+    distillation = _distillation(_interval(-0.1, -0.05), _interval(0.0, 0.1), _interval(-0.1, -0.05))
+    nll = _interval(-0.2, 0.1)
+    distillation["tests"]["in_domain"]["first_vs_temperature_scaling"] = {"ece": ece, "accuracy": accuracy, "nll": nll}
+    found = [c for c in claims(None, distillation) if c["claim"] == "e"]
+    assert len(found) == 1 and found[0]["held"] is expected
+    assert found[0]["evidence"] == {"ece_difference": ece, "accuracy_difference": accuracy, "nll_difference": nll}
+    assert not [c for c in claims(None, _distillation(ece, accuracy, ece)) if c["claim"] == "e"]

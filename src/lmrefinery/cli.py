@@ -91,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("--config", help="YAML config file")
         if resumable:
-            command.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+            command.add_argument("--resume", action="store_true",
+                                 help="continue from the newest complete checkpoint; '--resume auto': continue when "
+                                      "there is one, start afresh when there is none (elastic restarts)")
+            command.add_argument("--resume-auto", action="store_true", help=argparse.SUPPRESS)
         if name in TAKES_FILES:
             command.add_argument("overrides", nargs="*", metavar="FILE | key=value",
                                  help="samples_<task>_<date>.jsonl files, and dotted overrides, e.g. output_dir=x")
@@ -103,6 +106,22 @@ def _parser() -> argparse.ArgumentParser:
         if name == "demo":
             command.add_argument("--preset", choices=["quick", "default"], help="shorthand for preset=...")
     return parser
+
+
+def _resume_auto(argv: list[str]) -> list[str]:
+    """`--resume auto` (or `--resume=auto`) → the internal flag, so that a bare `--resume` never takes the next
+    word (an override such as output_dir=x) as its value."""
+    result, skip = [], False
+    for position, word in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if word == "--resume=auto" or (word == "--resume" and argv[position + 1: position + 2] == ["auto"]):
+            result.append("--resume-auto")
+            skip = word == "--resume"
+        else:
+            result.append(word)
+    return result
 
 
 def _renamed(argv: list[str]) -> list[str]:
@@ -122,7 +141,7 @@ WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACC
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(_renamed(list(sys.argv[1:] if argv is None else argv)))
+    args = _parser().parse_args(_resume_auto(_renamed(list(sys.argv[1:] if argv is None else argv))))
     configure_logging()
     overrides = list(args.overrides)
     if args.command in TAKES_FILES:
@@ -134,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(config_class(args.command), args.config, overrides)
         if COMMANDS[args.command][1]:
-            recipe(args.command).run(config, resume=args.resume)
+            recipe(args.command).run(config, resume="auto" if args.resume_auto else args.resume)
         else:
             recipe(args.command).run(config)
     except UserError as exc:

@@ -59,6 +59,27 @@ def weight_gradient(weights: torch.Tensor, lower_means: torch.Tensor, upper_mean
     return alpha * weights * (delta - (weights * delta).sum())
 
 
+SETTLED_SNR = 3.0
+
+
+def gradient_signal_to_noise(gradients: torch.Tensor) -> torch.Tensor:
+    """Per source, |mean| / standard error of the λ-gradients of the last N steps ([N, K] → [K]).
+
+    A source pushed the same way step after step has a large value; a source whose gradient is batch noise stays
+    near |N(0, 1)| — below 2 or so. With fewer than 2 steps there is nothing to estimate (NaN)."""
+    gradients = gradients.double()
+    if gradients.shape[0] < 2:
+        return torch.full((gradients.shape[1],), float("nan"), dtype=torch.float64)
+    error = gradients.std(dim=0, unbiased=True) / math.sqrt(gradients.shape[0])
+    return gradients.mean(dim=0).abs() / error.clamp(min=1e-30)
+
+
+def weights_settled(snr: torch.Tensor, threshold: float = SETTLED_SNR) -> bool:
+    """The weights carry a signal when at least one source's λ-gradient is consistent (SNR ≥ threshold): only then
+    does their ordering come from the data rather than from the order the batches happened to arrive in."""
+    return bool((snr >= threshold).any())
+
+
 class ScaleBiO:
     """ScaleBiO on any nn.Module: `model` is w (a copy becomes u unless `lower_model` is given), `num_sources` the
     number of data sources. `train_loss_fn(model, batch) -> (per-example losses, source ids)` and
@@ -186,6 +207,7 @@ class ScaleBiO:
         lower_means = lower_sums / counts.clamp(min=1)
         upper_means = upper_sums / counts.clamp(min=1)
         self.logits.grad = weight_gradient(weights, lower_means, upper_means, present, alpha)
+        weight_grad = self.logits.grad.detach().cpu().tolist()  # before clipping: the signal, not the step
         weight_grad_norm = float(self.logits.grad.norm())
         if self.max_weight_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([self.logits], self.max_weight_grad_norm)
@@ -200,14 +222,20 @@ class ScaleBiO:
                    "gap": l2_upper - l2_lower, "alpha": alpha, "grad_norm_lower": lower_norm,
                    "grad_norm_upper": upper_norm, "grad_norm_weights": weight_grad_norm,
                    "lr_lower": rates["lower"], "lr_upper": rates["upper"], "lr_weights": rates["weights"]}
-        if not all(math.isfinite(v) for v in metrics.values()):
+        if not all(math.isfinite(v) for v in metrics.values()) or not all(math.isfinite(g) for g in weight_grad):
             for optimizer in (self.lower_optimizer, self.upper_optimizer, self.weights_optimizer):
                 optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"ScaleBiO step {step + 1}: non-finite values {metrics}")
+        previous_logits = self.logits.detach().clone()
         for optimizer in (self.lower_optimizer, self.upper_optimizer, self.weights_optimizer):
             guarded_step(optimizer, step + 1)
+        if not torch.isfinite(self.logits).all():  # λ's own step overflowed: keep the weights it had
+            with torch.no_grad():
+                self.logits.copy_(previous_logits)
+            raise TrainingDiverged(f"ScaleBiO step {step + 1}: the source logits λ became non-finite (learning rate "
+                                   f"{rates['weights']:g}); the weights are those before this step")
         self.steps_done += 1
-        return metrics
+        return metrics | {"weight_gradient": weight_grad}
 
     # ---- state ----------------------------------------------------------------------------------------------------
     def state_dict(self, include_models: bool = True) -> dict:

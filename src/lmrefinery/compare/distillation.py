@@ -107,7 +107,8 @@ def shared_stages(config: CompareConfig, out: Path) -> dict:
     recalibration = {name: teacher_recalibration(caches[name], calibration) for name in test_sets(config)}
     return {"teacher": teacher_model, "caches": caches, "calibration": str(calibration_path),
             "calibration_summary": {key: calibration[key] for key in ("transform", "temperature", "improves",
-                                                                      "positions", "ece_before", "ece_after")},
+                                                                      "positions", "ece_before", "ece_after",
+                                                                      "ece_after_cross_validated")},
             "student_init": student_init, "scores": scores, "recalibration": recalibration, "timings_s": timings}
 
 
@@ -169,32 +170,45 @@ def _distill(config: CompareConfig, seed: int, shared: dict, directory: Path, lo
 
 
 def topk_kd(config: CompareConfig, seed: int, shared: dict, directory: str) -> dict:
-    return _distill(config, seed, shared, Path(directory), {"teacher_transform": "linear", "temperature": 1.0})
-
-
-def topk_kd_other(config: CompareConfig, seed: int, shared: dict, directory: str) -> dict:
+    """Top-k KD from the cache as is (no temperature), with the other bucket."""
     return _distill(config, seed, shared, Path(directory), {"teacher_transform": "linear", "temperature": 1.0,
                                                             "other_bucket": True})
+
+
+def topk_kd_restricted(config: CompareConfig, seed: int, shared: dict, directory: str) -> dict:
+    """Top-k KD with the loss restricted to the k cached tokens."""
+    return _distill(config, seed, shared, Path(directory), {"teacher_transform": "linear", "temperature": 1.0,
+                                                            "other_bucket": False})
 
 
 def online_kd(config: CompareConfig, seed: int, shared: dict, directory: str) -> dict:
     return _distill(config, seed, shared, Path(directory), {"mode": "online"})
 
 
+def _first_loss(config: CompareConfig, shared: dict, other_bucket: bool) -> dict:
+    return {"teacher_transform": config.distillation.calibrate.transform, "calibration": shared["calibration"],
+            "other_bucket": other_bucket}
+
+
 def first(config: CompareConfig, seed: int, shared: dict, directory: str) -> dict:
-    """FIRST: the re-calibrated top-k cache (the temperature from the shared calibration stage)."""
-    return _distill(config, seed, shared, Path(directory), {
-        "teacher_transform": config.distillation.calibrate.transform, "calibration": shared["calibration"]})
+    """FIRST as `distill` ships it: the re-calibrated top-k cache (the temperature from the shared calibration stage)
+    with the other bucket, so the student also learns how much mass the top-k hold."""
+    return _distill(config, seed, shared, Path(directory), _first_loss(config, shared, other_bucket=True))
 
 
-def first_other(config: CompareConfig, seed: int, shared: dict, directory: str) -> dict:
-    """FIRST with the other bucket, so the student also learns how much mass the teacher's top-k hold."""
-    return _distill(config, seed, shared, Path(directory), {
-        "teacher_transform": config.distillation.calibrate.transform, "calibration": shared["calibration"],
-        "other_bucket": True})
+def first_restricted(config: CompareConfig, seed: int, shared: dict, directory: str) -> dict:
+    """FIRST with the paper's loss, restricted to the k cached tokens."""
+    return _distill(config, seed, shared, Path(directory), _first_loss(config, shared, other_bucket=False))
+
+
+def first_hard_labels(config: CompareConfig, seed: int, shared: dict, directory: str) -> dict:
+    """FIRST with a little cross-entropy on the true token: (1 − β)·KL + β·CE."""
+    return _distill(config, seed, shared, Path(directory), _first_loss(config, shared, other_bucket=True)
+                    | {"hard_label_weight": config.distillation.mixed_hard_label_weight})
 
 
 METHODS = {"sft": student_sft, "sft_temperature": student_sft_temperature,
-           "sft_label_smoothing": student_sft_label_smoothing, "topk_kd": topk_kd, "topk_kd_other": topk_kd_other,
-           "online_kd": online_kd, "first": first, "first_other": first_other}
+           "sft_label_smoothing": student_sft_label_smoothing, "topk_kd": topk_kd,
+           "topk_kd_restricted": topk_kd_restricted, "online_kd": online_kd, "first": first,
+           "first_restricted": first_restricted, "first_hard_labels": first_hard_labels}
 DEPENDS_ON = {"sft_temperature": "sft"}  # it scales the sft student of the same seed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -46,32 +47,56 @@ def _pool_records(config: CompareConfig, pool) -> list[dict]:
             for e in pool.examples]
 
 
-def _sft_on(config: CompareConfig, seed: int, directory: Path, pool, chosen: list[int],
-            extra: dict | None = None) -> dict:
-    """The shared budget: one pass of SFT of the base model over the chosen pool examples (each example's record,
-    tagged with its source), then the target's test metrics, per item and aggregated."""
-    mixture = config.mixture
+def sft_records(config: CompareConfig, pool, chosen: list[int]) -> list[dict]:
+    """A method's SFT set: the chosen pool examples (each record tagged with its source), then — with
+    `append_validation` — every validation record (tagged `validation`), in the order SFT reads them."""
     records = _pool_records(config, pool)
+    selected = [records[i] for i in chosen]
+    if config.mixture.append_validation:
+        selected += [{**record, "source": "validation"} for source in config.mixture.validation
+                     for record in read_conversations(source)]
+    return selected
+
+
+def selection_cost(forward: int = 0, backward: int = 0, wall_s: float = 0.0) -> dict:
+    """What choosing the SFT set cost: example-level forward passes, backward passes and wall time."""
+    return {"forward": forward, "backward": backward, "wall_s": wall_s}
+
+
+def _sft_on(config: CompareConfig, seed: int, directory: Path, pool, chosen: list[int], cost: dict,
+            extra: dict | None = None) -> dict:
+    """The shared budget: one pass of SFT of the base model over the chosen pool examples (plus the validation set
+    with `append_validation`), then the target's test metrics, per item and aggregated, and the method's cost."""
+    mixture = config.mixture
+    records = sft_records(config, pool, chosen)
     data_path = directory / "selected.jsonl"
-    atomic_write_text(data_path, "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in chosen))
-    steps = len(chosen) // config.train.batch_size
+    atomic_write_text(data_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    steps = len(records) // config.train.batch_size
     run_dir = directory / "sft"
+    started = time.perf_counter()
     run_stage(sft, SFTConfig, {
         "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
         "data": {"sources": [{"name": "selected", "path": str(data_path)}], "max_length": mixture.max_length},
         "train": train_tree(config, steps=steps, checkpoint_every=steps)}, run_dir / "summary.json", run_dir)
+    sft_wall = time.perf_counter() - started
     metrics = evaluate_answers(directory / "eval", run_dir / "model", source_trees(mixture.test), mixture.max_length,
                                mixture.exact_match, mixture.max_new_tokens, config.model.precision,
                                config.eval_batch_size)
     counts = pool.counts(chosen)
     sources = [pool.examples[i].source_id for i in chosen]
+    trained = steps * config.train.batch_size
+    cost = {"selection": cost, "sft": {"forward": trained, "backward": trained, "wall_s": sft_wall},
+            "total": {key: cost[key] + value for key, value in
+                      (("forward", trained), ("backward", trained), ("wall_s", sft_wall))}}
     return metrics | {"sft_examples": len(chosen), "sft_steps": steps, "examples_per_source": counts,
+                      "appended_validation": len(records) - len(chosen), "cost": cost,
                       "realised_shares": realised_shares(sources, pool.names),
                       "unique_examples": len(set(chosen)), "token_budget": token_budget(config, pool),
                       "sft_tokens": sum(len(pool.examples[i].input_ids) for i in chosen)} | (extra or {})
 
 
-def _mix_and_sft(config: CompareConfig, seed: int, directory: Path, weights: dict[str, float]) -> dict:
+def _mix_and_sft(config: CompareConfig, seed: int, directory: Path, weights: dict[str, float],
+                 cost: dict | None = None) -> dict:
     """A weighted mixture that fills the token budget, drawn as `mix` draws (each source without replacement until
     it runs out, then with replacement), so the realised shares follow the weights; then SFT on it."""
     pool = _pools(config)[1]
@@ -82,7 +107,7 @@ def _mix_and_sft(config: CompareConfig, seed: int, directory: Path, weights: dic
                                   lambda source, index: len(pool.examples[per_source[source][index]].input_ids),
                                   token_budget(config, pool), config.train.batch_size, seed)
     return _sft_on(config, seed, directory, pool, [per_source[source][index] for source, index in drawn],
-                   {"weights": dict(zip(pool.names, probabilities))})
+                   cost or selection_cost(), {"weights": dict(zip(pool.names, probabilities))})
 
 
 def uniform(config: CompareConfig, seed: int, directory: str) -> dict:
@@ -126,6 +151,7 @@ def less(config: CompareConfig, seed: int, directory: str) -> dict:
     mean validation feature."""
     directory = Path(directory)
     tokenizer, pool, validation = _pools(config)
+    started = time.perf_counter()
     scores = _saved_scores(directory, pool)
     if scores is None:
         settings = config.mixture.less
@@ -138,7 +164,9 @@ def less(config: CompareConfig, seed: int, directory: str) -> dict:
         bar.close()
         scores = cosine_to_mean(*features)
         del model
-    return _sft_on(config, seed, directory, pool, _select_within_budget(config, seed, pool, scores, directory))
+    scored = len(pool.examples) + len(validation.examples)  # one forward and backward each: its gradient features
+    cost = selection_cost(scored, scored, time.perf_counter() - started)
+    return _sft_on(config, seed, directory, pool, _select_within_budget(config, seed, pool, scores, directory), cost)
 
 
 def rho(config: CompareConfig, seed: int, directory: str) -> dict:
@@ -147,6 +175,7 @@ def rho(config: CompareConfig, seed: int, directory: str) -> dict:
     directory = Path(directory)
     mixture = config.mixture
     tokenizer, pool, _ = _pools(config)
+    started = time.perf_counter()
     reference_dir = directory / "reference"
     run_stage(sft, SFTConfig, {
         "output_dir": str(reference_dir), "seed": seed, "model": config.model.model_dump(),
@@ -165,7 +194,9 @@ def rho(config: CompareConfig, seed: int, directory: str) -> dict:
             del model
         bar.close()
         scores = excess_loss(losses["current"], losses["reference"])
-    return _sft_on(config, seed, directory, pool, _select_within_budget(config, seed, pool, scores, directory))
+    reference = mixture.rho.reference_steps * config.train.batch_size  # the reference model's SFT
+    cost = selection_cost(reference + 2 * len(pool.examples), reference, time.perf_counter() - started)
+    return _sft_on(config, seed, directory, pool, _select_within_budget(config, seed, pool, scores, directory), cost)
 
 
 def scalebio(config: CompareConfig, seed: int, directory: str) -> dict:
@@ -173,13 +204,19 @@ def scalebio(config: CompareConfig, seed: int, directory: str) -> dict:
     directory = Path(directory)
     mixture = config.mixture
     run_dir = directory / "reweight"
+    started = time.perf_counter()
     run_stage(reweight, ReweightConfig, {
         "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
         "data": {"sources": source_trees(mixture.sources), "max_length": mixture.max_length},
         "validation": {"sources": source_trees(mixture.validation)},
         **mixture.reweight.model_dump(mode="json")}, run_dir / "weights.json", run_dir)
-    learned = json.loads((run_dir / "weights.json").read_text())["weights"]
-    return _mix_and_sft(config, seed, directory, learned) | {"learned_weights": learned}
+    result = json.loads((run_dir / "weights.json").read_text())
+    learned, steps = result["weights"], result["steps"]
+    # each step: u and w on the training batch (forward + backward each), w on the validation batch
+    settings = mixture.reweight.train
+    per_step = 2 * settings.batch_size + settings.val_batch_size
+    cost = selection_cost(steps * per_step, steps * per_step, time.perf_counter() - started)
+    return _mix_and_sft(config, seed, directory, learned, cost) | {"learned_weights": learned}
 
 
 METHODS = {"uniform": uniform, "proportional": proportional, "less": less, "rho": rho, "scalebio": scalebio}

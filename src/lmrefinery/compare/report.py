@@ -29,6 +29,10 @@ def _delta(estimate: dict | None, spec: str = "+.4f") -> str:
     return f"{estimate['value']:{spec}} [{estimate['low']:{spec}}, {estimate['high']:{spec}}]{mark}"
 
 
+def _optional(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else f"{value:{spec}}"
+
+
 def _mean(rows: list[dict], key: str):
     values = [row[key] for row in rows if row.get(key) is not None]
     return sum(values) / len(values) if values else None
@@ -46,16 +50,39 @@ def _strip(result: dict) -> dict:
     return result
 
 
+def _cost_table(results: dict, seeds: list) -> list[str]:
+    """Each method's total cost: choosing its SFT set plus the SFT itself, in example-level passes and wall time."""
+    rows = {method: [results[method][seed]["cost"] for seed in seeds if "cost" in results[method][seed]]
+            for method in results}
+    if not all(rows.values()):
+        return []
+    lines = ["Cost of each method (mean per seed): choosing the SFT set, then the SFT itself, in example-level forward "
+             "and backward passes and wall time. Reading the table at equal total compute: a method whose selection "
+             "costs as much as its SFT has spent twice the uniform mix's budget.", "",
+             "| method | selection fwd / bwd | selection (s) | SFT fwd / bwd | SFT (s) | total fwd / bwd | total (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for method, costs in rows.items():
+        cells = []
+        for part in ("selection", "sft", "total"):
+            forward = sum(c[part]["forward"] for c in costs) / len(costs)
+            backward = sum(c[part]["backward"] for c in costs) / len(costs)
+            wall = sum(c[part]["wall_s"] for c in costs) / len(costs)
+            cells += [f"{forward:.0f} / {backward:.0f}", f"{wall:.0f}"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _mixture_section(results: dict, statistics: dict, seeds: list) -> list[str]:
     reference = statistics["reference"]
-    first = results[reference][seeds[0]]
-    has_exact = "exact_match" in first["per_item"]
+    reference_run = results[reference][seeds[0]]
+    has_exact = "exact_match" in reference_run["per_item"]
     head = "| method | test loss [95% CI] | Δ vs " + reference + " | per-example loss | Δ | " + (
         "exact match | Δ exact match | " if has_exact else "") + "SFT examples | steps | tokens | wall (s) | peak GiB |"
     lines = ["## Data mixture and selection", "",
-             f"Every method's SFT set holds at most {first['token_budget']} tokens (prompt + response) in whole "
-             f"batches; SFT makes one pass over it. Test loss is the token-mean loss over the "
-             f"{len(first['per_item']['tokens'])} test examples' answer tokens (as `evaluate --task loss` reports it); "
+             f"Every method's SFT set holds at most {reference_run['token_budget']} tokens (prompt + response) in "
+             f"whole batches; SFT makes one pass over it. Test loss is the token-mean loss over the "
+             f"{len(reference_run['per_item']['tokens'])} test examples' answer tokens (as `evaluate --task loss` "
+             "reports it); "
              "per-example loss is the mean of each example's own token-mean loss. Δ is the paired difference to "
              f"`{reference}` (the same test examples under the same seeds), 95% CI by resampling test examples; "
              "**\\*** marks a CI that excludes 0.", "",
@@ -70,7 +97,7 @@ def _mixture_section(results: dict, statistics: dict, seeds: list) -> list[str]:
         cells += [f"{_mean(rows, 'sft_examples'):.0f}", f"{_mean(rows, 'sft_steps'):.1f}",
                   f"{_mean(rows, 'sft_tokens'):.0f}", _cost(rows)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += [""] + _cost_table(results, seeds)
     if "scalebio_vs" in statistics and statistics["scalebio_vs"]:
         lines += ["ScaleBiO against the selection baselines (paired, test loss): " + "; ".join(
             f"vs {other} {_delta(values['test_loss'])}" for other, values in statistics["scalebio_vs"].items()) + ".",
@@ -85,12 +112,23 @@ def _mixture_section(results: dict, statistics: dict, seeds: list) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(f"{row['weights'][name]:.3f} / {row['realised_shares'][name]:.3f}"
                                                       for row in per_seed.values()) + " |")
         lines.append("")
+    if "partitions" in statistics:
+        section = statistics["partitions"]
+        lines += ["ScaleBiO's weights of the target's corruption-rate partitions, per seed and kind (rate: weight), "
+                  "and Spearman's ρ:", ""]
+        for seed, row in section["per_seed"].items():
+            for kind in section["kinds"]:
+                pairs = ", ".join(f"{rate:g}: {weight:.3f}" for rate, weight in zip(row[kind]["rates"],
+                                                                                    row[kind]["weights"]))
+                lines.append(f"- seed {seed}, {kind}: {pairs} — ρ = {row[kind]['rho']:+.3f}")
+        lines.append("")
     lines += ["Examples per source in each method's SFT set (seed " + str(seeds[0]) + "):", "",
-              "| method | " + " | ".join(first["examples_per_source"]) + " |",
-              "|---|" + "---:|" * len(first["examples_per_source"])]
+              "| method | " + " | ".join(reference_run["examples_per_source"]) + " |",
+              "|---|" + "---:|" * len(reference_run["examples_per_source"])]
     for method in results:
         counts = results[method][seeds[0]]["examples_per_source"]
-        lines.append(f"| {method} | " + " | ".join(str(counts[name]) for name in first["examples_per_source"]) + " |")
+        names = reference_run["examples_per_source"]
+        lines.append(f"| {method} | " + " | ".join(str(counts[name]) for name in names) + " |")
     return lines + ["", "![mixture methods](plots/compare-mixture.png)", ""]
 
 
@@ -102,9 +140,10 @@ def _distillation_section(results: dict, statistics: dict, shared: dict, seeds: 
              "item) — for ECE the metric is recomputed on each resample of the items; **\\*** marks a CI that "
              "excludes 0. The teacher and the untrained student are scored once.", ""]
     calibration = shared["calibration_summary"]
-    lines += [f"FIRST's calibration (shared by `first` and `first_other`): {calibration['transform']}, c = "
+    lines += [f"FIRST's calibration (shared by every FIRST variant): {calibration['transform']}, c = "
               f"{calibration['temperature']:g}, fitted on the validation items' {calibration['positions']} positions "
-              f"(ECE {calibration['ece_before']:.4f} as is → {calibration['ece_after']:.4f})"
+              f"(ECE {calibration['ece_before']:.4f} as is → {calibration['ece_after']:.4f} on those items, "
+              f"{_optional(calibration.get('ece_after_cross_validated'))} out of sample, cross-validated)"
               + ("." if calibration["improves"] else "; no c improved on the teacher as it is, so FIRST distils "
                                                       "from the unchanged teacher."), ""]
     for test, section in statistics["tests"].items():
@@ -127,11 +166,28 @@ def _distillation_section(results: dict, statistics: dict, shared: dict, seeds: 
         lines += ["", f"Teacher re-calibration at the answer positions of this test (c fitted on the validation "
                       f"items): ECE {_ci(recalibration['ece_before'])} as is → {_ci(recalibration['ece_after'])} "
                       f"after; change {_delta(recalibration['difference'])}.", ""]
+        if "first_vs_temperature_scaling" in section:
+            lines += _versus_temperature_scaling(section["first_vs_temperature_scaling"], results, shared, seeds)
     timings = shared["timings_s"]
     lines += ["Shared stages (run once, in no method's wall time): "
               + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items()) + ".", "",
               "![distillation methods](plots/compare-distillation.png)", ""]
     return lines
+
+
+def _versus_temperature_scaling(versus: dict, results: dict, shared: dict, seeds: list) -> list[str]:
+    """FIRST against the cheapest calibration fix: the SFT student with one fitted temperature, and what each costs."""
+    teacher_stages = sum(shared["timings_s"].values())
+    first_wall = _mean([results["first"][seed] for seed in seeds], "wall_s")
+    sft_wall = _mean([results["sft"][seed] for seed in seeds], "wall_s") if "sft" in results else None
+    fit_wall = _mean([results["sft_temperature"][seed] for seed in seeds], "wall_s")
+    sft_cost = f"{sft_wall:.0f} s of SFT + " if sft_wall is not None else ""
+    return [f"`first` − `sft_temperature` (FIRST against SFT + temperature scaling): Δ accuracy "
+            f"{_delta(versus['accuracy'], '+.3f')}, Δ ECE {_delta(versus['ece'])}, Δ NLL "
+            f"{_delta(versus['nll'], '+.3f')}. "
+            f"Cost per seed: FIRST {first_wall:.0f} s of distillation after {teacher_stages:.0f} s of shared teacher "
+            f"stages (fine-tuning, caches, calibration, evaluation); temperature scaling {sft_cost}{fit_wall:.0f} s "
+            f"to fit and score one temperature.", ""]
 
 
 def _claims_section(found: list[dict]) -> list[str]:
@@ -143,7 +199,13 @@ def _claims_section(found: list[dict]) -> list[str]:
             detail = f"difference {_delta(evidence)}"
         elif isinstance(evidence, dict) and "ece_difference" in evidence:
             detail = (f"Δ ECE {_delta(evidence['ece_difference'])}, Δ accuracy "
-                      f"{_delta(evidence['accuracy_difference'], '+.3f')}")
+                      f"{_delta(evidence['accuracy_difference'], '+.3f')}"
+                      + (f", Δ NLL {_delta(evidence['nll_difference'], '+.3f')}" if "nll_difference" in evidence
+                         else ""))
+        elif claim["claim"] == "a′":
+            detail = "Spearman ρ of weight and corruption rate per seed: " + "; ".join(
+                f"{seed}: " + ", ".join(f"{kind} {rho:+.3f}" for kind, rho in row.items())
+                for seed, row in evidence.items())
         else:
             detail = "margin (lowest clean − highest noisy weight) per seed: " + ", ".join(
                 f"{seed}: {margin:+.4f}" for seed, margin in evidence.items())
@@ -173,7 +235,8 @@ def write_report(out: Path, config, results: dict, wall_s: float) -> str:
     seeds = list(config.seeds)
     mixture = distillation = None
     if results["mixture"]:
-        mixture = mixture_statistics(results["mixture"], seeds, config.mixture.noisy_sources)
+        mixture = mixture_statistics(results["mixture"], seeds, config.mixture.noisy_sources,
+                                     [p.model_dump() for p in config.mixture.partitions or []])
     if results["distillation"]:
         distillation = distillation_statistics(results["distillation"], results["shared"], seeds,
                                                config.distillation.n_bins)

@@ -118,9 +118,10 @@ def run(config: CompareConfig, isolate: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(previous, resolved)
     started = time.perf_counter()
-    if config.demo_data is not None:
-        paths = data.build(out / "data", data.DATA_SIZES[config.demo_data], config.data_seed)
-        config = data.fill_compare_paths(config, paths)
+    experiment = config.experiment_data()
+    if experiment is not None:
+        paths = data.build(out / "data", experiment, config.data_seed)
+        config = data.fill_compare_paths(config, experiment, paths)
     results = {"mixture": None, "distillation": None, "shared": None}
     if config.mixture is not None:
         results["mixture"] = _mixture(config, out / "mixture", isolate)

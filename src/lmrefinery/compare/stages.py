@@ -109,11 +109,11 @@ def evaluate_mcq(directory: Path, model: str | Path, item_files: dict[str, str |
 
 
 def save_student_init(teacher_dir: str | Path, target: Path, student: StudentConfig) -> Path:
-    """The keep-layers student, saved as an HF model, so baselines that fine-tune it start from the same weights
-    that `distill` builds."""
+    """The keep-layers student — blocks of the teacher, or of `student.keep_layers_from` — saved as an HF model, so
+    baselines that fine-tune it start from the same weights that `distill` builds."""
     if (target / "config.json").exists():
         return target
-    config = ModelConfig(name_or_path=str(teacher_dir))
+    config = ModelConfig(name_or_path=student.keep_layers_from or str(teacher_dir))
     model = load_model(config)
     indices = student.keep_layers or every_nth(len(find_decoder_layers(model)), student.keep_every)
     small = keep_layers(model, indices, in_place=True)

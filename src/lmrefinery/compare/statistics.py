@@ -4,15 +4,11 @@ method, and the four claims of the two papers checked against those intervals (e
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 from lmrefinery.evaluation.calibration import expected_calibration_error
-from lmrefinery.evaluation.statistics import (
-    Estimate,
-    mean_estimate,
-    paired_difference,
-    set_metric_difference,
-    set_metric_estimate,
-)
+from lmrefinery.evaluation.statistics import (Estimate, mean_estimate, paired_difference, set_metric_difference,
+                                              set_metric_estimate)
 
 NLL_FLOOR = 1e-12
 
@@ -45,10 +41,12 @@ def _mixture_differences(ours: dict, theirs: dict, seeds: list, keys: list[str])
     return difference
 
 
-def mixture_statistics(results: dict, seeds: list, noisy_sources: list[str] | None) -> dict:
+def mixture_statistics(results: dict, seeds: list, noisy_sources: list[str] | None,
+                       partitions: list[dict] | None = None) -> dict:
     """Per method: the target's test loss (token mean over the test set, as `evaluate --task loss` reports it), the
     mean of each example's own loss, exact match — each mean [CI] — and the paired differences to the reference
-    (first) method; the learned weights' ordering per seed for ScaleBiO."""
+    (first-listed) method; for ScaleBiO the learned weights' ordering per seed, and with `partitions` ({name, kind,
+    rate}: copies of the target corrupted at known rates) the rank correlation of weight and rate per kind."""
     methods = list(results)
     reference = methods[0]
     keys = [key for key in ("example_loss", "exact_match") if key in results[reference][seeds[0]]["per_item"]]
@@ -64,18 +62,40 @@ def mixture_statistics(results: dict, seeds: list, noisy_sources: list[str] | No
         others = [m for m in ("less", "rho") if m in results]
         statistics["scalebio_vs"] = {other: _mixture_differences(results["scalebio"], results[other], seeds, keys)
                                      for other in others}
-        statistics["weights"] = _weights_ordering(results["scalebio"], seeds, noisy_sources)
+        statistics["weights"] = _weights_ordering(results["scalebio"], seeds, noisy_sources,
+                                                  [p["name"] for p in partitions or []])
+        if partitions:
+            statistics["partitions"] = partition_correlations(results["scalebio"], seeds, partitions)
     return statistics
 
 
-def _weights_ordering(results: dict, seeds: list, noisy: list[str] | None) -> dict:
-    """Per seed: the learned weights, and whether every noisy source ends below every clean one."""
+PARTITION_RHO = -0.8  # claim (a′): the weight falls with the corruption rate, ρ at most this in every seed
+
+
+def partition_correlations(results: dict, seeds: list, partitions: list[dict]) -> dict:
+    """Per seed and corruption kind: Spearman's ρ between the partitions' corruption rates and learned weights."""
+    kinds = sorted({p["kind"] for p in partitions})
+    per_seed = {}
+    for seed in seeds:
+        weights = results[seed]["learned_weights"]
+        per_seed[str(seed)] = {}
+        for kind in kinds:
+            mine = sorted((p for p in partitions if p["kind"] == kind), key=lambda p: p["rate"])
+            rho = stats.spearmanr([p["rate"] for p in mine], [weights[p["name"]] for p in mine]).statistic
+            per_seed[str(seed)][kind] = {"rho": float(rho), "rates": [p["rate"] for p in mine],
+                                         "weights": [weights[p["name"]] for p in mine]}
+    return {"kinds": kinds, "threshold": PARTITION_RHO, "per_seed": per_seed}
+
+
+def _weights_ordering(results: dict, seeds: list, noisy: list[str] | None, partitions: list[str]) -> dict:
+    """Per seed: the learned weights, and whether every noisy source ends below every clean one (the corruption-rate
+    partitions are neither)."""
     per_seed = {}
     for seed in seeds:
         weights = results[seed]["learned_weights"]
         row = {"weights": weights, "realised_shares": results[seed]["realised_shares"]}
         if noisy:
-            clean = [w for name, w in weights.items() if name not in noisy]
+            clean = [w for name, w in weights.items() if name not in noisy and name not in partitions]
             row["noisy_below_clean"] = max(weights[name] for name in noisy) < min(clean)
             row["margin"] = min(clean) - max(weights[name] for name in noisy)
         per_seed[str(seed)] = row
@@ -123,8 +143,13 @@ def distillation_statistics(results: dict, shared: dict, seeds: list, n_bins: in
         correct = np.asarray(recalibration["correct"])
         before = (np.asarray(recalibration["confidence_before"]), correct)
         after = (np.asarray(recalibration["confidence_after"]), correct)
+        if "first" in methods and "sft_temperature" in methods:  # distilling vs fitting one temperature
+            table["first"]["versus_temperature_scaling"] = _mcq_differences(arrays["first"], arrays["sft_temperature"],
+                                                                            n_bins)
         statistics["tests"][test] = {
             "methods": table, "fixed": fixed,
+            **({"first_vs_temperature_scaling": table["first"]["versus_temperature_scaling"]}
+               if "versus_temperature_scaling" in table.get("first", {}) else {}),
             "teacher_recalibration": {
                 "ece_before": _json(set_metric_estimate(_ece(n_bins), [before])),
                 "ece_after": _json(set_metric_estimate(_ece(n_bins), [after])),
@@ -142,13 +167,23 @@ def claims(mixture: dict | None, distillation: dict | None) -> list[dict]:
         found.append({"claim": "a", "text": "ScaleBiO puts the corrupted and off-domain sources below every clean "
                                             "source in every seed", "held": held,
                       "evidence": {seed: round(row["margin"], 4) for seed, row in per_seed.items()}})
+    if mixture and "partitions" in mixture:
+        section = mixture["partitions"]
+        held = all(row[kind]["rho"] <= section["threshold"] for row in section["per_seed"].values()
+                   for kind in section["kinds"])
+        found.append({"claim": "a′", "text": f"ScaleBiO's weight falls with the corruption rate of the target's "
+                                             f"partitions (Spearman ρ ≤ {section['threshold']} for "
+                                             f"{' and '.join(section['kinds'])} noise in every seed)", "held": held,
+                      "evidence": {seed: {kind: round(row[kind]["rho"], 3) for kind in section["kinds"]}
+                                   for seed, row in section["per_seed"].items()}})
     if mixture and "scalebio" in mixture["methods"] and mixture["reference"] != "scalebio":
         difference = mixture["methods"]["scalebio"]["difference"]["test_loss"]
         found.append({"claim": "b", "text": f"SFT on ScaleBiO's mix has a lower target test loss than the "
                                             f"{mixture['reference']} mix (paired 95% CI of the difference below 0)",
                       "held": difference["high"] < 0, "evidence": difference})
     if distillation:
-        names = {"first": "FIRST's student", "first_other": "FIRST's student with the other bucket"}
+        names = {"first": "FIRST's student", "first_restricted": "FIRST's student with the paper's restricted loss",
+                 "first_hard_labels": "FIRST's student with a hard-label share"}
         for method, name in names.items():
             for test, section in distillation["tests"].items():
                 row = section["methods"].get(method)
@@ -166,4 +201,15 @@ def claims(mixture: dict | None, distillation: dict | None) -> list[dict]:
                           "text": f"the teacher's ECE falls after re-calibration (held-out {test.replace('_', '-')} "
                                   f"answer positions; CI of the change below 0)",
                           "held": difference["high"] < 0, "evidence": difference})
+        for test, section in distillation["tests"].items():
+            versus = section.get("first_vs_temperature_scaling")
+            if versus is None:
+                continue
+            ece, accuracy = versus["ece"], versus["accuracy"]
+            found.append({"claim": "e", "test": test, "method": "first",
+                          "text": f"FIRST's student has a lower ECE than the SFT student with a fitted temperature "
+                                  f"({test.replace('_', '-')}; CI below 0) at an accuracy not lower beyond the CI",
+                          "held": ece["high"] < 0 and accuracy["high"] >= 0,
+                          "evidence": {"ece_difference": ece, "accuracy_difference": accuracy,
+                                       "nll_difference": versus["nll"]}})
     return found

@@ -7,23 +7,10 @@ from typing import Annotated, Literal, Union
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from lmrefinery.config.loading import StrictModel, path_field
-from lmrefinery.config.sections import (
-    CalibrationBinsConfig,
-    CalibrationSettings,
-    ComputeConfig,
-    ConversationSourcesConfig,
-    DataConfig,
-    LISAConfig,
-    LoRAConfig,
-    ModelConfig,
-    RecordSourcesConfig,
-    RunConfig,
-    SamplingConfig,
-    ScheduleConfig,
-    TrackingConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from lmrefinery.config.sections import (CalibrationBinsConfig, CalibrationSettings, ComputeConfig,
+                                        ConversationSourcesConfig, DataConfig, LISAConfig, LoRAConfig, ModelConfig,
+                                        RecordSourcesConfig, ResumableConfig, RunConfig, SamplingConfig, ScheduleConfig,
+                                        TrackingConfig, TrainConfig, ValidationConfig)
 
 
 class LisaOrLoraConfig(StrictModel):
@@ -39,7 +26,7 @@ class LisaOrLoraConfig(StrictModel):
         return self
 
 
-class SupervisedRunConfig(RunConfig, TrackingConfig, LisaOrLoraConfig):
+class SupervisedRunConfig(RunConfig, ResumableConfig, TrackingConfig, LisaOrLoraConfig):
     """What every run that trains one model on token targets has (sft: the data's tokens; distill: the teacher's
     cached distribution over them)."""
 
@@ -72,6 +59,10 @@ class ScaleBiOConfig(StrictModel):
     max_grad_norm: float | None = Field(None, gt=0, description="Clip u's gradient norm at this and w's (whose loss "
                                                                 "carries α) at α × this; null: off.")
     max_weight_grad_norm: float | None = Field(None, gt=0, description="Clip λ's gradient norm (null: off).")
+    lisa_draw: Literal["independent", "shared"] = Field(
+        "independent", description="With lisa.enabled: u and w draw their active blocks independently (the authors'), "
+                                   "or share one draw (common random numbers), so that ℓ_k(w) − ℓ_k(u) does not also "
+                                   "measure which blocks each copy happened to train.")
 
 
 class ReweightTrainConfig(ScheduleConfig):
@@ -81,7 +72,7 @@ class ReweightTrainConfig(ScheduleConfig):
                               "'stratified': a fixed share per source in every batch (small sources always present).")
 
 
-class ReweightConfig(RunConfig, TrackingConfig, LisaOrLoraConfig):
+class ReweightConfig(RunConfig, ResumableConfig, TrackingConfig, LisaOrLoraConfig):
     model: ModelConfig = Field(description="The model whose two copies (u, w) are trained.")
     data: DataConfig = Field(description="The candidate sources to weigh.")
     validation: ValidationConfig = Field(description="The target: a small validation set (sources pooled).")
@@ -98,7 +89,7 @@ class MixConfig(RunConfig):
     num_examples: int = Field(ge=1, description="N: size of the mixture.")
 
 
-class TeacherConfig(RunConfig):
+class TeacherConfig(RunConfig, ResumableConfig):
     model: ModelConfig = Field(description="The fine-tuned teacher.")
     data: DataConfig = Field(description="The data to cache (the students' training data, or held-out data).")
     k: int = Field(5, ge=1, le=64, description="Top-k token probabilities kept per response position.")
@@ -120,16 +111,24 @@ class StudentConfig(ComputeConfig):
     """
 
     init: Literal["model", "keep-layers"] = Field(
-        "keep-layers", description="'model': load name_or_path; 'keep-layers': a subset of the teacher's blocks.")
+        "keep-layers", description="'model': load name_or_path; 'keep-layers': a subset of the decoder blocks of the "
+                                   "teacher (or of keep_layers_from).")
     name_or_path: str | None = path_field(None, description="init 'model': the student (hub id, directory or alias).",
                                           resolve="if_exists")
-    keep_every: int = Field(3, ge=1, description="keep-layers: keep blocks 0, n, 2n, …")
+    keep_every: int = Field(3, ge=1, description="keep-layers: keep blocks 0, n, 2n, … (2: about half the blocks)")
     keep_layers: list[int] | None = Field(None, description="keep-layers: explicit block indices instead.")
+    keep_layers_from: str | None = path_field(
+        None, description="keep-layers: take the blocks (with the embeddings, final norm and head) from this model "
+                          "instead of the teacher — e.g. the pretrained model the teacher was fine-tuned from, so "
+                          "that the student has not seen the task; it must share the teacher's vocabulary.",
+        resolve="if_exists")
 
     @model_validator(mode="after")
     def _path_for_model_init(self) -> "StudentConfig":
         if self.init == "model" and not self.name_or_path:
             raise ValueError("init 'model' needs student.name_or_path")
+        if self.init == "model" and self.keep_layers_from:
+            raise ValueError("student.keep_layers_from is for init 'keep-layers'; init 'model' loads name_or_path")
         return self
 
     def compute(self) -> dict:
@@ -142,7 +141,10 @@ class DistillLossConfig(StrictModel):
         "prob_temperature", description="How the cached top-k become the target distribution.")
     temperature: float | None = Field(None, gt=0, description="c or T; default: from `calibration`, else 1.0.")
     calibration: str | None = path_field(None, description="calibration.json from `lmrefinery calibrate`.")
-    other_bucket: bool = Field(False, description="Add a k+1-th bucket: the mass outside the teacher's top-k.")
+    other_bucket: bool = Field(True, description="A k+1-th bucket holds the mass outside the teacher's top-k, so the "
+                                                 "student also learns how much mass those tokens carry; false: the "
+                                                 "paper's restricted loss over the k tokens alone, which cannot keep "
+                                                 "the student's mass on them (docs/distill.md).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε of probability-space smoothing of the target.")
     reduction: Literal["token_mean", "sequence_sum"] = Field(
         "token_mean", description="Mean over supervised tokens, or the authors' sum per sequence / batch size.")

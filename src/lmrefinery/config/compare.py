@@ -8,21 +8,18 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmrefinery.config.commands import ReweightTrainConfig, ScaleBiOConfig, StudentConfig
+from lmrefinery.config.experiment import PRESETS, ExperimentDataConfig
 from lmrefinery.config.loading import StrictModel, path_field
-from lmrefinery.config.sections import (
-    CalibrationBinsConfig,
-    CalibrationSettings,
-    LISAConfig,
-    ModelConfig,
-    SourceConfig,
-    TrainConfig,
-    unique_source_names,
-)
+from lmrefinery.config.sections import (CalibrationBinsConfig, CalibrationSettings, LISAConfig, ModelConfig,
+                                        SourceConfig, TrainConfig, unique_source_names)
 
 MIXTURE_METHODS = ("uniform", "proportional", "less", "rho", "scalebio")
-DISTILL_METHODS = ("sft", "sft_temperature", "sft_label_smoothing", "topk_kd", "topk_kd_other", "online_kd", "first",
-                   "first_other")
-DEMO_DATA = ("quick", "default", "evidence")
+DISTILL_METHODS = ("sft", "sft_temperature", "sft_label_smoothing", "topk_kd", "topk_kd_restricted", "online_kd",
+                   "first", "first_restricted", "first_hard_labels")
+# Old method names: `first` and `topk_kd` now carry the other bucket (what `distill` ships); the paper's restricted
+# loss is `*_restricted`.
+RENAMED_METHODS = {"first_other": "first", "topk_kd_other": "topk_kd"}
+DEMO_DATA = tuple(PRESETS)
 
 
 class LESSConfig(StrictModel):
@@ -39,6 +36,14 @@ class ScaleBiOMethodConfig(StrictModel):
     scalebio: ScaleBiOConfig = ScaleBiOConfig()
     train: ReweightTrainConfig = ReweightTrainConfig()
     lisa: LISAConfig = LISAConfig()
+
+
+class PartitionSpec(StrictModel):
+    """A source that is a copy of the target corrupted at a known rate (claim (a′))."""
+
+    name: str = Field(description="The source's name in `sources`.")
+    kind: Literal["dot", "wrong_answers"] = Field(description="How its corrupted answers were made.")
+    rate: float = Field(ge=0, le=1, description="Share of its records corrupted.")
 
 
 class MixtureCompareConfig(StrictModel):
@@ -59,7 +64,13 @@ class MixtureCompareConfig(StrictModel):
                                                               "train.steps × train.batch_size.")
     noisy_sources: list[str] | None = Field(None, description="Sources known to be noisy (corrupted, off-domain): the "
                                                               "report checks that ScaleBiO ranks them below every "
-                                                              "other source (filled in by demo_data).")
+                                                              "other source (filled in from `data`).")
+    partitions: list[PartitionSpec] | None = Field(
+        None, description="Sources that are copies of the target corrupted at known rates: the report checks that "
+                          "ScaleBiO's weight falls with the rate (filled in from `data`).")
+    append_validation: bool = Field(False, description="Append the target's validation set to every method's SFT set "
+                                                       "(as the ScaleBiO authors' final SFT did); the token budget "
+                                                       "counts the selected pool examples only.")
     exact_match: bool = Field(True, description="Also score greedy answers (reasoning-gym scorer or string match).")
     max_new_tokens: int = Field(16, ge=1, description="Greedy decoding length of exact match.")
     less: LESSConfig = LESSConfig()
@@ -99,6 +110,18 @@ class DistillCompareConfig(CalibrationBinsConfig):
                                            description="FIRST's calibration of the teacher on the validation items' "
                                                        "cache (answer positions by default: these are MCQ items).")
     hard_label_weight: float = Field(0.0, ge=0, le=1, description="β of every top-k method (the paper: 0).")
+    mixed_hard_label_weight: float = Field(0.1, gt=0, le=1, description="β of `first_hard_labels`: FIRST with "
+                                                                         "(1 − β)·KL + β·cross-entropy on the true "
+                                                                         "token.")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _renamed_methods(cls, methods):
+        for name in methods if isinstance(methods, list) else []:
+            if name in RENAMED_METHODS:
+                raise ValueError(f"method {name!r} is now {RENAMED_METHODS[name]!r} (first and topk_kd use the other "
+                                 f"bucket; the paper's restricted loss is first_restricted / topk_kd_restricted)")
+        return methods
 
 
 class CompareConfig(StrictModel):
@@ -116,9 +139,11 @@ class CompareConfig(StrictModel):
     eval_batch_size: int = Field(16, ge=1, description="Examples per forward pass of every evaluation.")
     mixture: MixtureCompareConfig | None = None
     distillation: DistillCompareConfig | None = None
+    data: ExperimentDataConfig | None = Field(
+        None, description="Build this experiment data (task families, noise sources, sizes) under output_dir/data "
+                          "and fill in every source and split path left out (docs/compare.md).")
     demo_data: Literal[DEMO_DATA] | None = Field(
-        None, description="Build the demo's data (sizes of that preset) under output_dir/data and fill in every "
-                          "source and split path left out: the `demo` setting, with no files to provide.")
+        None, description="A preset `data` section (the demo's families; quick / default / evidence sizes).")
 
     @model_validator(mode="after")
     def _something_to_compare(self) -> "CompareConfig":
@@ -128,11 +153,17 @@ class CompareConfig(StrictModel):
             raise ValueError("a `mixture` comparison needs `model` (the base model each method fine-tunes)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
-        if self.demo_data is None:
+        if self.data is not None and self.demo_data is not None:
+            raise ValueError("give a `data` section or a demo_data preset, not both")
+        if self.experiment_data() is None:
             for section, keys in (("mixture", ("sources", "validation", "test")),
                                   ("distillation", ("train_sources", "validation_items", "test_items"))):
                 missing = [key for key in keys if getattr(self, section) is not None
                            and getattr(getattr(self, section), key) is None]
                 if missing:
-                    raise ValueError(f"{section} needs {', '.join(missing)} (or set demo_data)")
+                    raise ValueError(f"{section} needs {', '.join(missing)} (or a `data` section, or demo_data)")
         return self
+
+    def experiment_data(self) -> ExperimentDataConfig | None:
+        """The data to build: the `data` section, or the `demo_data` preset's."""
+        return self.data if self.data is not None else (PRESETS[self.demo_data]() if self.demo_data else None)

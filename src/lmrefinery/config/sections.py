@@ -26,6 +26,15 @@ class RunConfig(StrictModel):
                                      "deterministic for a seed.")
 
 
+class ResumableConfig(StrictModel):
+    """What a command that can continue an interrupted run has."""
+
+    resume: bool | Literal["auto"] = Field(
+        False, description="true: continue from the newest complete checkpoint (as --resume); 'auto': continue when "
+                           "there is one, start afresh when there is none — what an elastic restart (torchrun "
+                           "--max-restarts) or a preempted cluster job needs. --resume / --resume auto override it.")
+
+
 class TrackingConfig(StrictModel):
     """Where a training run's metrics are also sent (metrics.jsonl is always written)."""
 
@@ -203,3 +212,5 @@ class CalibrationSettings(CalibrationBinsConfig):
                                         "0.25 … 3.0 for logit_temperature. Extended upward while the best is its "
                                         "largest value.")
     fine_step: float = Field(0.02, gt=0, description="Then this step within ± one coarse step of the best.")
+    cv_folds: int = Field(5, ge=2, description="Folds (of held-out examples) for the out-of-sample ECE of the search, "
+                                               "reported beside the in-sample one.")

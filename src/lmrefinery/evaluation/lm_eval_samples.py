@@ -24,16 +24,9 @@ from scipy.special import softmax
 
 from lmrefinery.data.files import BadRecord, read_records
 from lmrefinery.errors import UserError
-from lmrefinery.evaluation.calibration import (
-    adaptive_calibration_error,
-    brier_score,
-    coverage_accuracy_auc,
-    expected_calibration_error,
-    maximum_calibration_error,
-    negative_log_likelihood,
-    reliability_diagram,
-    selective_accuracy,
-)
+from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, coverage_accuracy_auc,
+                                               expected_calibration_error, maximum_calibration_error,
+                                               negative_log_likelihood, reliability_diagram, selective_accuracy)
 
 SCORINGS = ("acc", "acc_norm")
 COVERAGES = (0.5, 0.8)

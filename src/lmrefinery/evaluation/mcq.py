@@ -14,13 +14,8 @@ import torch
 from lmrefinery.data.mcq_items import MCQItem
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.errors import UserError
-from lmrefinery.evaluation.calibration import (
-    adaptive_calibration_error,
-    brier_score,
-    expected_calibration_error,
-    maximum_calibration_error,
-    negative_log_likelihood,
-)
+from lmrefinery.evaluation.calibration import (adaptive_calibration_error, brier_score, expected_calibration_error,
+                                               maximum_calibration_error, negative_log_likelihood)
 from lmrefinery.models.head import logits_at
 from lmrefinery.train.precision import autocast
 

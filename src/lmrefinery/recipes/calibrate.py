@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from lmrefinery.config import CalibrateConfig, dump_config
-from lmrefinery.distill.temperature import gather_predictions, score_temperature, search_temperature
+from lmrefinery.distill.temperature import (cross_validated_search, gather_predictions, prediction_groups,
+                                            score_temperature, search_temperature)
 from lmrefinery.evaluation.calibration import reliability_diagram
 from lmrefinery.fileio import atomic_write_json, atomic_write_text, output_directory
 from lmrefinery.recipes.common import load_cache_with_data
@@ -29,6 +30,10 @@ def run(config: CalibrateConfig) -> Path:
     chosen, curve = search_temperature(logprobs, tails, targets, transform=config.transform,
                                        objective=config.objective, n_bins=config.n_bins, grid=config.grid,
                                        fine_step=config.fine_step)
+    cross_validated = cross_validated_search(
+        logprobs, tails, targets, prediction_groups(pool.examples, config.positions), folds=config.cv_folds,
+        transform=config.transform, objective=config.objective, n_bins=config.n_bins, grid=config.grid,
+        fine_step=config.fine_step)
     before = score_temperature(logprobs, tails, targets, None, 1.0, config.n_bins)
     at_one = curve.get(1.0) or score_temperature(logprobs, tails, targets, config.transform, 1.0, config.n_bins)
     objective = config.objective
@@ -44,12 +49,17 @@ def run(config: CalibrateConfig) -> Path:
         "transform": config.transform, "objective": objective, "positions": config.positions,
         "temperature": chosen["temperature"], "improves": improves,
         "ece_before": before["ece"], "ece_after": chosen["ece"], "ece_at_temperature_1": at_one["ece"],
+        # out of sample: each fold scored at the temperature searched on the others (the in-sample figure is optimistic)
+        "ece_after_cross_validated": cross_validated["ece"] if cross_validated else None,
+        "cross_validation": cross_validated,
         "before": _public(before), "after": _public(chosen), "at_temperature_1": _public(at_one),
         "held_out_positions": int(targets.numel()), "k": cache.k, "cache": str(config.cache),
         "curve": [_public(curve[c]) for c in sorted(curve)]})
     atomic_write_text(output_dir / "config.yaml", dump_config(config))
-    log.info("temperature %.2f (%s): ECE %.4f → %.4f (%.4f at c = 1), %d positions; wrote %s", chosen["temperature"],
-             config.transform, before["ece"], chosen["ece"], at_one["ece"], targets.numel(),
+    log.info("temperature %.2f (%s): ECE %.4f → %.4f in sample, %s out of sample (%s-fold), %.4f at c = 1; %d "
+             "positions; wrote %s", chosen["temperature"], config.transform, before["ece"], chosen["ece"],
+             f"{cross_validated['ece']:.4f}" if cross_validated else "n/a",
+             cross_validated["folds"] if cross_validated else "no", at_one["ece"], targets.numel(),
              output_dir / "calibration.json")
     if objective == "ece" and chosen["nll"] > NLL_WARNING * before["nll"]:
         log.warning("the chosen c = %g lowers ECE but makes the teacher's NLL much worse (%.3f → %.3f): ECE rewards a "

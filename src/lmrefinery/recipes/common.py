@@ -7,16 +7,8 @@ import logging
 import math
 from pathlib import Path
 
-from lmrefinery.config import (
-    DataConfig,
-    LISAConfig,
-    LoRAConfig,
-    ModelConfig,
-    SamplingConfig,
-    SourceConfig,
-    TrainConfig,
-    validate_config,
-)
+from lmrefinery.config import (DataConfig, LISAConfig, LoRAConfig, ModelConfig, SamplingConfig, SourceConfig,
+                               TrainConfig, validate_config)
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.data.sources import SourcePool, load_pool
 from lmrefinery.data.tokenize import ChatEncoder

@@ -38,15 +38,19 @@ def build_student(config: DistillConfig, manifest: dict, device) -> torch.nn.Mod
     if config.student.init == "model":
         model = load_model(ModelConfig(name_or_path=config.student.name_or_path, **compute), device)
     else:
-        teacher = load_model(teacher_model_config(manifest, compute | {"load_dtype": "float32"}), device)
-        total = len(find_decoder_layers(teacher))
+        blocks_from = config.student.keep_layers_from
+        source = (ModelConfig(name_or_path=blocks_from, **compute) if blocks_from
+                  else teacher_model_config(manifest, compute))
+        full = load_model(source.model_copy(update={"load_dtype": "float32"}), device)
+        total = len(find_decoder_layers(full))
         keep = config.student.keep_layers or every_nth(total, config.student.keep_every)
         try:
-            model = keep_layers(teacher, keep, in_place=True)  # the loaded teacher becomes the student
+            model = keep_layers(full, keep, in_place=True)  # the loaded model becomes the student
         except ValueError as exc:
             raise UserError(f"student.keep_layers: {exc}") from None
-        del teacher
-        log.info("student: teacher blocks %s of %d", keep, total)
+        del full
+        log.info("student: blocks %s of %d from %s", keep, total,
+                 config.student.keep_layers_from or "the teacher")
     if config.student.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
@@ -94,11 +98,13 @@ def online_loss_fn(teacher, temperature: float):
     return loss_sums
 
 
-def run(config: DistillConfig, resume: bool = False) -> Path:
+def run(config: DistillConfig, resume: bool | str = False) -> Path:
+    resume = resume or config.resume  # the --resume flag, else the config's `resume`
     env, output_dir = begin_training_run(config, resume)
     cache, tokenizer, pool, data = load_cache_with_data(config.cache)  # tokenised as the cache was built
-    if config.student.init == "model":
-        cache.check_student_tokenizer(load_tokenizer(ModelConfig(name_or_path=config.student.name_or_path)), tokenizer)
+    student_source = config.student.name_or_path if config.student.init == "model" else config.student.keep_layers_from
+    if student_source:
+        cache.check_student_tokenizer(load_tokenizer(ModelConfig(name_or_path=student_source)), tokenizer)
     validation_pool = None
     if config.validation is not None:  # tokenised exactly like the training data
         validation_pool = load_pool(config.validation.sources, ChatEncoder(tokenizer, data.system_prompt), data)

@@ -9,14 +9,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from lmrefinery.config import (
-    EvaluateConfig,
-    ExactMatchEvaluateConfig,
-    LMEvalEvaluateConfig,
-    LossEvaluateConfig,
-    MCQEvaluateConfig,
-    dump_config,
-)
+from lmrefinery.config import (EvaluateConfig, ExactMatchEvaluateConfig, LMEvalEvaluateConfig, LossEvaluateConfig,
+                               MCQEvaluateConfig, dump_config)
 from lmrefinery.data.mcq_items import load_items
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.errors import UserError

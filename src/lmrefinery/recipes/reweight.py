@@ -12,7 +12,10 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 from lmrefinery.config import ReweightConfig, SamplingConfig
+from lmrefinery.errors import TrainingDiverged
 from lmrefinery.data.collate import collate, rank_micro_batches
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.data.sources import SourcePool
@@ -20,17 +23,9 @@ from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.models import load_model
 from lmrefinery.models.lora import AdapterView
 from lmrefinery.plots import line_plot
-from lmrefinery.recipes.common import (
-    accumulation_steps,
-    begin_training_run,
-    close_trackers,
-    load_data,
-    make_lisa,
-    open_trackers,
-    total_steps,
-    trainable_model,
-)
-from lmrefinery.scalebio import ScaleBiO
+from lmrefinery.recipes.common import (accumulation_steps, begin_training_run, close_trackers, load_data, make_lisa,
+                                       open_trackers, total_steps, trainable_model)
+from lmrefinery.scalebio import SETTLED_SNR, ScaleBiO, gradient_signal_to_noise, weights_settled
 from lmrefinery.train.distributed import all_reduce_sum
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import example_loss_sums
@@ -77,7 +72,8 @@ def build_core(config: ReweightConfig, upper, lower, num_sources: int, steps: in
                     all_reduce=lambda tensor: all_reduce_sum(tensor, env), gradient_sum_factor=env.world_size)
 
 
-def run(config: ReweightConfig, resume: bool = False) -> Path:
+def run(config: ReweightConfig, resume: bool | str = False) -> Path:
+    resume = resume or config.resume  # the --resume flag, else the config's `resume`
     env, output_dir = begin_training_run(config, resume)
     train = config.train
 
@@ -106,9 +102,11 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
     # the optimizers' state is keyed by parameter names of the module that holds the parameters
     holder = {name: modules.get("adapters", module) for name, module in (("lower", lower), ("upper", upper))}
     lisas = {}
-    if config.lisa.enabled:  # u and w draw their layers independently
+    if config.lisa.enabled:  # u and w draw their blocks independently, or (one seed) the same blocks at every switch
+        shared_draw = config.scalebio.lisa_draw == "shared"
         lisas = {"lower": make_lisa(lower, core.lower_optimizer, config.lisa, 2 * config.seed + 1),
-                 "upper": make_lisa(upper, core.upper_optimizer, config.lisa, 2 * config.seed + 2)}
+                 "upper": make_lisa(upper, core.upper_optimizer, config.lisa,
+                                    2 * config.seed + (1 if shared_draw else 2))}
 
     def micro_batches(sampler, examples_pool):
         indices = sampler.next_batch()
@@ -120,6 +118,7 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
         train_indices, train_batches = micro_batches(train_sampler, pool)
         _, val_batches = micro_batches(val_sampler, validation)
         result = core.step(train_batches, val_batches)
+        result["weight_gradient"] = dict(zip(pool.names, result["weight_gradient"]))
         return {"weights": dict(zip(pool.names, core.weights.tolist())), **result,
                 "source_counts": pool.counts(train_indices)}
 
@@ -139,7 +138,12 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
                       "data_stats": [vars(s) for s in pool.stats]},
         postfix=lambda metrics: " ".join(f"{n}={w:.3f}" for n, w in zip(short, metrics["weights"].values())),
         trackers=trackers)
-    run_loop(loop, step, resume)
+    try:
+        run_loop(loop, step, resume)
+    except TrainingDiverged as exc:  # the weights before the failing step, beside the last good checkpoint
+        if env.is_main:
+            write_outputs(output_dir, config, pool, core, core.steps_done, diverged=str(exc))
+        raise
 
     if config.save_upper_model and config.lora.enabled:
         save_lora(modules["adapters"], tokenizer, output_dir / "upper_adapter", env, adapter="upper",
@@ -147,15 +151,41 @@ def run(config: ReweightConfig, resume: bool = False) -> Path:
     elif config.save_upper_model:
         save_hf_model(upper, tokenizer, output_dir / "upper_model", env)
     if env.is_main:
-        write_outputs(output_dir, config, pool, core, steps)
+        signal = write_outputs(output_dir, config, pool, core, steps)
         log.info("weights: %s", {n: round(w, 4) for n, w in zip(pool.names, core.weights.tolist())})
+        warn_if_unsettled(signal)
         log.info("outputs in %s (weights.json, weights.csv, plots/, report.md)", output_dir)
     close_trackers(trackers, output_dir)
     return output_dir
 
 
-def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, core: ScaleBiO, steps: int) -> None:
+def lambda_gradient_signal(rows: list[dict], names: list[str]) -> dict:
+    """Per source, the signal-to-noise of its λ-gradient over the last quarter of the steps (at least 2): whether the
+    weights are pushed consistently or only by batch noise (scalebio.gradient_signal_to_noise)."""
+    logged = [row["weight_gradient"] for row in rows if "weight_gradient" in row]
+    window = logged[-max(2, len(logged) // 4):]
+    snr = gradient_signal_to_noise(torch.tensor([[row[n] for n in names] for row in window], dtype=torch.float64)
+                                   if window else torch.zeros((0, len(names))))
+    return {"window_steps": len(window), "snr": dict(zip(names, snr.tolist())),
+            "settled": weights_settled(snr), "threshold": SETTLED_SNR}
+
+
+def warn_if_unsettled(signal: dict) -> bool:
+    if signal["settled"]:
+        return False
+    log.warning("the weights have not settled: over the last %d steps no source's λ-gradient is consistent "
+                "(largest signal-to-noise %.2f, below %g), so their order reflects batch noise more than the data. "
+                "Try more steps (train.steps), train.sampling=stratified (every source in every batch) or a larger "
+                "train.batch_size.", signal["window_steps"],
+                max((v for v in signal["snr"].values() if v == v), default=float("nan")), signal["threshold"])
+    return True
+
+
+def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, core: ScaleBiO, steps: int,
+                  diverged: str | None = None) -> dict:
+    """`diverged`: the run stopped on non-finite values; the weights written are the last good ones (after `steps`)."""
     rows = [m for m in read_metrics(output_dir / "metrics.jsonl") if "weights" in m and "event" not in m]
+    signal = lambda_gradient_signal(rows, pool.names)
     start = read_metrics(output_dir / "metrics.jsonl")[0]
     names = pool.names
     weights = dict(zip(names, core.weights.tolist()))
@@ -167,6 +197,8 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
         "source_sizes": dict(zip(names, pool.sizes)),
         "steps": steps, "alpha": hyper.alpha, "tau": hyper.tau, "rounds": hyper.rounds,
         "logit_movement_bound": movement_bound,
+        "lambda_gradient_signal": signal,
+        **({"diverged": diverged} if diverged else {}),
         "config": config.model_dump(mode="json"),
     })
     header = "step," + ",".join(names)
@@ -194,6 +226,11 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
         f"α = {hyper.alpha}, τ = {hyper.tau}, learning rates u/w/λ = {hyper.lr_lower}/{hyper.lr_upper}/"
         f"{hyper.lr_weights}, LISA {'on (' + str(config.lisa.layers) + ' layers)' if config.lisa.enabled else 'off'}.",
         "", "## Learned weights", "", *table, "",
+        f"λ-gradient signal-to-noise over the last {signal['window_steps']} steps (|mean| / standard error; ≥ "
+        f"{signal['threshold']:g} is a consistent push): "
+        + ", ".join(f"{n} {v:.2f}" for n, v in signal["snr"].items())
+        + (". Settled." if signal["settled"] else ". **Not settled**: no source is pushed consistently; see the "
+           "warning in the log."), "",
         f"With Adam on λ each logit moves about lr_λ per step at most, so over these {steps} steps under a cosine "
         f"schedule no logit can have moved more than ≈ {movement_bound:.3g} from 0 "
         f"(a weight ratio of at most ≈ e^{2 * movement_bound:.3g} between two sources).", "",
@@ -205,3 +242,4 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
         f"lmrefinery sft --config my-sft.yaml sampling.strategy=weights sampling.weights={output_dir / 'weights.json'}",
         "```", ""]
     atomic_write_text(output_dir / "report.md", "\n".join(report))
+    return signal

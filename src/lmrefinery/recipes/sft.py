@@ -15,7 +15,8 @@ from lmrefinery.recipes.common import begin_training_run, load_data, train_super
 from lmrefinery.train.losses import example_loss_sums, label_smoothed_loss_sums
 
 
-def run(config: SFTConfig, resume: bool = False) -> Path:
+def run(config: SFTConfig, resume: bool | str = False) -> Path:
+    resume = resume or config.resume  # the --resume flag, else the config's `resume`
     env, output_dir = begin_training_run(config, resume)
     tokenizer, pool, extras = load_data(config.model, config.data,
                                         {"validation": config.validation.sources if config.validation else []})

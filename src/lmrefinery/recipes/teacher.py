@@ -14,15 +14,8 @@ import torch
 
 from lmrefinery.config import TeacherConfig
 from lmrefinery.data.collate import collate
-from lmrefinery.distill.cache import (
-    MANIFEST,
-    ConcentrationStats,
-    completed_shards,
-    id_dtype_for,
-    shard_provenance,
-    write_manifest,
-    write_shard,
-)
+from lmrefinery.distill.cache import (MANIFEST, ConcentrationStats, completed_shards, id_dtype_for, shard_provenance,
+                                      write_manifest, write_shard)
 from lmrefinery.distill.topk import teacher_topk
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import output_directory, remove_temporaries
@@ -35,7 +28,9 @@ from lmrefinery.train.run_dir import lock_run_dir
 log = logging.getLogger(__name__)
 
 
-def _check_cache_dir(output_dir: Path, resume: bool) -> None:
+def _check_cache_dir(output_dir: Path, resume: bool | str) -> None:
+    if resume == "auto":  # finish what is there, or start: either way only what is missing is computed
+        return
     has_cache = (output_dir / MANIFEST).exists() or any(output_dir.glob("shard-*"))
     if has_cache and not resume:
         raise UserError(f"{output_dir}: already holds a teacher cache; pass --resume to finish it or choose "
@@ -45,7 +40,8 @@ def _check_cache_dir(output_dir: Path, resume: bool) -> None:
                         f"to start it")
 
 
-def run(config: TeacherConfig, resume: bool = False) -> Path:
+def run(config: TeacherConfig, resume: bool | str = False) -> Path:
+    resume = resume or config.resume  # the --resume flag, else the config's `resume`
     env = setup_distributed()
     output_dir = output_directory(config.output_dir)
     _check_cache_dir(output_dir, resume)

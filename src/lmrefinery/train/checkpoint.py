@@ -4,6 +4,11 @@ Written into a temporary directory and renamed, so a directory named step-N is a
 one is what `--resume` uses. Model and optimizer are saved as full (unsharded) state dicts through
 torch.distributed.checkpoint's state-dict API, which works the same for plain modules and FSDP2-sharded ones.
 
+Each checkpoint proves itself: `checksums.json`, written last (atomically, inside the directory before it is renamed),
+holds the SHA-256 of every other file. Resuming verifies the newest checkpoint against it and, when a file has rotted
+(a flipped bit, a truncated file on a network disk) or the record is missing, says so in one line and falls back to
+the previous complete checkpoint; with none left it exits 2 naming the file.
+
 Nothing in a checkpoint needs unpickling of arbitrary objects: weights are safetensors, the JSON state and each
 rank's RNG state are JSON, and the optimizer state (tensors, numbers, strings, lists, dicts) is read with
 `torch.load(weights_only=True)`, which refuses anything else — a checkpoint directory someone hands you cannot run
@@ -13,7 +18,9 @@ previous checkpoint as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -33,7 +40,9 @@ from lmrefinery.errors import UserError
 from lmrefinery.models.lora import is_peft_model
 from lmrefinery.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 
+log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
+CHECKSUMS = "checksums.json"
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
 # Optimizer state may legitimately be absent for trainable parameters: LISA frees it for inactive blocks, and a block
@@ -157,7 +166,14 @@ def save_checkpoint(run_dir: Path, step: int, env: DistEnv, modules: dict[str, n
         raise UserError(f"{getattr(failure, 'filename', None) or partial}: cannot write checkpoint step {step} "
                         f"({failure.strerror or failure}); "
                         + (f"step {kept[-1]} is intact: fix the cause and --resume" if kept else "no checkpoint yet"))
+    barrier(env)  # every rank's files are in place before they are summed
     if env.is_main:
+        try:
+            write_checksums(partial)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise UserError(f"{partial / CHECKSUMS}: cannot write checkpoint step {step} ({exc.strerror or exc})") \
+                from None
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -167,6 +183,41 @@ def save_checkpoint(run_dir: Path, step: int, env: DistEnv, modules: dict[str, n
             shutil.rmtree(root / f"step-{old}", ignore_errors=True)
     barrier(env)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """The SHA-256 of every file of a checkpoint directory, written last and atomically."""
+    sums = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    temporary = directory / f".{CHECKSUMS}.tmp"
+    temporary.write_text(json.dumps(sums, indent=1))
+    os.replace(temporary, directory / CHECKSUMS)
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (a missing, changed or unlisted file; no checksum record), or None."""
+    record = directory / CHECKSUMS
+    try:
+        sums = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{record}: missing or unreadable, so the checkpoint's files cannot be verified"
+    for name, expected in sums.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if _sha256(path) != expected:
+            return f"{path}: does not match its checksum (changed or damaged since it was written)"
+    unlisted = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in sums and p.name != CHECKSUMS)
+    if unlisted:
+        return f"{directory / unlisted[0]}: not in {CHECKSUMS} (added after the checkpoint was written)"
+    return None
 
 
 def _drop_state_not_in(module: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -215,5 +266,23 @@ def load_module_weights(directory: Path, modules: dict[str, nn.Module]) -> None:
 
 
 def latest_checkpoint(run_dir: Path, env: DistEnv) -> Path | None:
-    steps = broadcast_object(checkpoint_steps(run_dir), env)
-    return Path(run_dir) / "checkpoints" / f"step-{steps[-1]}" if steps else None
+    """The newest checkpoint whose files match their checksums (rank 0 verifies; every rank gets its answer). A
+    newer one that fails is named in one line and skipped; when every one fails, exit 2 naming the newest's file."""
+    verdict = None
+    if env.is_main:
+        problems = []
+        for step in reversed(checkpoint_steps(run_dir)):
+            directory = Path(run_dir) / "checkpoints" / f"step-{step}"
+            problem = checkpoint_problem(directory)
+            if problem is None:
+                verdict = ("ok", step)
+                break
+            problems.append(problem)
+            log.warning("%s; checkpoint step %d is not used", problem, step)
+        if verdict is None:
+            verdict = ("none", None) if not problems else ("failed", problems[0])
+    kind, value = broadcast_object(verdict, env)
+    if kind == "failed":
+        raise UserError(f"{value}; no earlier checkpoint verifies either, so the run cannot continue from one: "
+                        f"restore the file or start afresh in another output_dir")
+    return Path(run_dir) / "checkpoints" / f"step-{value}" if kind == "ok" else None

@@ -49,7 +49,17 @@ def setup_distributed() -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # A rank may wait at a barrier while others finish uneven work (e.g. teacher shards after a resume).
         minutes = float(os.environ.get("LMREFINERY_DIST_TIMEOUT_MIN", "120"))
-        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+        timeout = timedelta(minutes=minutes)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart not in (None, "0"):
+            # Workers restarted by torchrun (--max-restarts) meet in the store the dead workers used, whose keys
+            # (the old ranks' addresses) are still there: the new group would try to connect to processes that no
+            # longer exist. Each restart gets keys of its own.
+            store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"lmrefinery-restart-{restart}", store),
+                                    rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return DistEnv(rank, world_size, local_rank, device)
 
 

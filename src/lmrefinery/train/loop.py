@@ -96,7 +96,7 @@ def _checkpoint(loop: Loop, step: int) -> None:
                     objects=objects, protect=loop.best.get("step") if _keep_best(loop) else None)
 
 
-def run_loop(loop: Loop, step_fn: Callable[[int], dict[str, Any]], resume: bool) -> dict[str, Any]:
+def run_loop(loop: Loop, step_fn: Callable[[int], dict[str, Any]], resume: bool | str) -> dict[str, Any]:
     """Run steps until `loop.steps`; returns the last step's metrics (empty when nothing was left to run). With
     validation, `loop.best` ends as the best step and its loss; with `keep_best`, that step's checkpoint is kept."""
     env = loop.env
@@ -106,7 +106,9 @@ def run_loop(loop: Loop, step_fn: Callable[[int], dict[str, Any]], resume: bool)
         changed = check_resume_config(loop.output_dir, loop.config, read_checkpoint_state(checkpoint)["step"])
     start_run(loop.output_dir, loop.config, env.is_main)
     start_step = _restore(loop, checkpoint) if checkpoint is not None else 0
-    metrics = MetricsLog(loop.output_dir / "metrics.jsonl", env.is_main, resume_step=start_step if resume else None,
+    # resuming drops the lines after the checkpoint; `resume: auto` with no checkpoint, every line of the dead run
+    resume_step = start_step if checkpoint is not None else (-1 if resume == "auto" else None)
+    metrics = MetricsLog(loop.output_dir / "metrics.jsonl", env.is_main, resume_step=resume_step,
                          mirror=loop.trackers.log if loop.trackers is not None else None)
     if start_step == 0:
         metrics.write(step=0, event="start", world_size=env.world_size, total_steps=loop.steps, **loop.start_record)

@@ -25,16 +25,20 @@ from lmrefinery.fileio import atomic_write_text, remove_temporaries
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
-RESUME_SAFE = ("train.log_every", "train.checkpoint_every", "train.keep_last", "train.steps", "validation",
+RESUME_SAFE = ("resume", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.steps", "validation",
                "save_model", "save_upper_model", "model.device_map", "report_to", "data.cache", "lora.merge")
 _held_locks: dict[Path, int] = {}  # run directory → open descriptor holding its lock (release_run_locks, or exit)
 
 
-def check_output_dir(output_dir: str | Path, resume: bool) -> Path:
-    """Refuse to mix a new run into an old one; resuming needs the old one and a checkpoint in it."""
+def check_output_dir(output_dir: str | Path, resume: bool | str) -> Path:
+    """Refuse to mix a new run into an old one; resuming needs the old one and a checkpoint in it. With
+    `resume="auto"` either is fine: the run continues from a checkpoint when there is one and starts afresh when
+    there is none (what a dead run left without a checkpoint is then replaced)."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path}: output_dir exists and is a file, not a directory")
+    if resume == "auto":
+        return path
     has_run = (path / "metrics.jsonl").exists() or (path / "checkpoints").exists()
     if has_run and not resume:
         raise UserError(f"{path}: already holds a run; pass --resume to continue it or choose another output_dir")
