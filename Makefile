@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo install-test install-demo bench clean
+.PHONY: test test-slow demo install-test install-demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,9 +25,14 @@ $(VENV)/.demo-installed: $(BIN)/python pyproject.toml
 install-test: $(VENV)/.test-installed
 install-demo: $(VENV)/.demo-installed
 
+# `make test`: the fast suite (≤ ~10 min on 2 cores). `make test-slow`: the multi-process and whole-pipeline tests
+# (torchrun runs, elastic restarts, compare and demo end to end); CI runs both.
 test: $(VENV)/.test-installed
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -m "not slow"
+
+test-slow: $(VENV)/.test-installed
+	$(BIN)/python -m pytest tests -m slow
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/lmrefinery demo $(ARGS)

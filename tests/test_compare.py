@@ -48,6 +48,7 @@ def _strip(value):
     return {k: _strip(v) for k, v in value.items() if k != "per_item"} if isinstance(value, dict) else value
 
 
+@pytest.mark.slow
 def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_intervals(tmp_path, tiny_model_dir):
     out = tmp_path / "compare"
     config = write_yaml(tmp_path / "compare.yaml", compare_tree(out, tiny_model_dir))
@@ -123,6 +124,7 @@ def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_i
     assert _measured(json.loads((removed / "result.json").read_text())) == _measured(before)
 
 
+@pytest.mark.slow
 def test_every_baseline_is_deterministic_for_a_seed(tmp_path, tiny_model_dir):
     """The methods the end-to-end test leaves out, run twice in-process: the same numbers, and the realised shares of
     a weighted mixture follow its weights."""

