@@ -146,7 +146,7 @@ def test_a_set_metric_interval_contains_its_estimate_where_the_bootstrap_is_bias
         correct = (rng.random(60) < confidence).astype(float)
         estimate = set_metric_estimate(expected_calibration_error, [(confidence, correct)], n_resamples=499,
                                        seed=trial)
-        assert estimate.low <= estimate.value <= estimate.high, (trial, estimate)
+        assert 0 <= estimate.low <= estimate.value <= estimate.high, (trial, estimate)
 
 
 @pytest.mark.parametrize("ece, accuracy, expected", [

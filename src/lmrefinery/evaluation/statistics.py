@@ -13,7 +13,8 @@ The intervals come from `scipy.stats.bootstrap` (9,999 resamples, a fixed genera
   bootstrap distribution re-centred on the estimate, [θ̂ + q_2.5(θ* − med θ*), θ̂ + q_97.5(θ* − med θ*)]. A set
   metric recomputed on resampled items is biased (duplicated items change the bins' accuracies), so BCa's and the
   plain percentile interval can lie wholly on one side of the estimate — an ECE of 0.0379 reported as [0.0234,
-  0.0368]. Re-centring keeps the bootstrap's spread and always contains the estimate.
+  0.0368]. Re-centring keeps the bootstrap's spread and always contains the estimate; the interval is then kept
+  within the range the resamples reached, so an ECE interval never goes below 0.
 When every resample gives the same value (e.g. a method compared with itself) the interval is that value.
 """
 
@@ -64,9 +65,13 @@ def item_bootstrap(statistic: Callable[[np.ndarray], float], n_items: int, *, co
                                  n_resamples=n_resamples, method="percentile" if centred else "BCa",
                                  rng=np.random.default_rng(seed))
     if centred:
-        spread = result.bootstrap_distribution - np.median(result.bootstrap_distribution)
+        distribution = result.bootstrap_distribution
+        spread = distribution - np.median(distribution)
         tail = (1 - confidence) / 2
-        return Estimate(value, value + float(np.quantile(spread, tail)), value + float(np.quantile(spread, 1 - tail)))
+        # never past what any resample (or the estimate) reached: an ECE interval does not go below 0
+        low = max(value + float(np.quantile(spread, tail)), min(value, float(distribution.min())))
+        high = min(value + float(np.quantile(spread, 1 - tail)), max(value, float(distribution.max())))
+        return Estimate(value, low, high)
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
     if not (math.isfinite(low) and math.isfinite(high)):  # all resamples equal: no spread to estimate
         low = high = value
