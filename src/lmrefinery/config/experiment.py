@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmrefinery.config.loading import StrictModel
+from lmrefinery.config.sections import check_unique
 
 NOISE_KINDS = ("dot", "wrong_answers", "off_domain")
 
@@ -95,11 +96,8 @@ class MixtureDataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "MixtureDataConfig":
-        names = [self.target.source_name] + [f.source_name for f in self.clean] + [
-            noise_name(n, self.target) for n in self.noise]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"source names must be unique; repeated: {', '.join(repeated)} (give `name`)")
+        check_unique([self.target.source_name] + [f.source_name for f in self.clean]
+                     + [noise_name(n, self.target) for n in self.noise], " (give `name`)")
         return self
 
 

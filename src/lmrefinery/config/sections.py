@@ -78,11 +78,14 @@ class SourceConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="Use only the first N records.")
 
 
-def unique_source_names(sources: list[SourceConfig] | None) -> list[SourceConfig] | None:
-    names = [s.name for s in sources or []]
+def check_unique(names: list[str], hint: str = "") -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}")
+        raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}{hint}")
+
+
+def unique_source_names(sources: list[SourceConfig] | None) -> list[SourceConfig] | None:
+    check_unique([s.name for s in sources or []])
     return sources
 
 

@@ -89,12 +89,20 @@ def corrupt_answers(records: list[dict], rate: float, seed: int, replacement: st
     """A copy where exactly round(rate × n) randomly chosen records have their final answer replaced."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"corruption rate must be in [0, 1], got {rate}")
-    chosen = set(random.Random(seed).sample(range(len(records)), round(rate * len(records))))
+    chosen = random.Random(seed).sample(range(len(records)), round(rate * len(records)))
+    return _with_answers(records, {index: replacement for index in chosen}, keep_original=False)
+
+
+def _with_answers(records: list[dict], answers: dict[int, str], keep_original: bool) -> list[dict]:
+    """A copy of `records` where record i's final answer is `answers[i]` (marked `corrupted`, with its
+    `original_answer` when `keep_original`)."""
     corrupted = []
     for index, record in enumerate(records):
         record = json.loads(json.dumps(record))
-        if index in chosen:
-            record["messages"][-1]["content"] = replacement
+        if index in answers:
+            if keep_original:
+                record["original_answer"] = record["messages"][-1]["content"]
+            record["messages"][-1]["content"] = answers[index]
             record["corrupted"] = True
         corrupted.append(record)
     return corrupted
@@ -129,15 +137,7 @@ def derange_answers(records: list[dict], rate: float, seed: int) -> list[dict]:
                         f"or a family with more varied answers)")
     order = sorted(range(len(chosen)), key=lambda j: answers[j])  # chosen is in random order: ties are shuffled
     new_answer = {chosen[order[j]]: answers[order[(j + most) % len(order)]] for j in range(len(order))}
-    corrupted = []
-    for index, record in enumerate(records):
-        record = json.loads(json.dumps(record))
-        if index in new_answer:
-            record["original_answer"] = record["messages"][-1]["content"]
-            record["messages"][-1]["content"] = new_answer[index]
-            record["corrupted"] = True
-        corrupted.append(record)
-    return corrupted
+    return _with_answers(records, new_answer, keep_original=True)
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
