@@ -24,11 +24,19 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
-def run_torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def torchrun(nproc: int, *args, extra_path: Path | None = None, environment: dict | None = None,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    """`nproc` processes running a script (`path args`) or a module (`-m name args`) from this checkout, with
+    `extra_path` first on PYTHONPATH when given."""
+    path = os.pathsep.join(str(p) for p in (extra_path, REPO, REPO / "src") if p is not None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **(environment or {}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "lmrefinery", *map(str, args)]
+               "--master_port", str(29500 + os.getpid() % 1000), *map(str, args)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return torchrun(nproc, "-m", "lmrefinery", *args, timeout=timeout)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -61,29 +69,39 @@ def run_one_and_two_processes(tmp_path: Path, command: str, config: dict) -> tup
 
 
 def final_weights(run_dir: Path, step: int, name: str = "model") -> dict:
-    from safetensors.torch import load_file
+    from lmrefinery.train.checkpoint_load import full_tensors
 
-    return load_file(str(run_dir / "checkpoints" / f"step-{step}" / f"{name}.safetensors"))
+    return full_tensors(run_dir / "checkpoints" / f"step-{step}", f"module/{name}/")
+
+
+def cut_back(run: Path, kept_step: int, later_outputs: tuple[str, ...]) -> None:
+    """Make a finished run look killed right after checkpoint `kept_step`: later checkpoints and outputs gone."""
+    import shutil
+
+    from lmrefinery.train.checkpoint_format import checkpoint_steps
+
+    for step in checkpoint_steps(run):
+        if step > kept_step:
+            shutil.rmtree(run / "checkpoints" / f"step-{step}")
+    for name in later_outputs:
+        path = run / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def resumed_after_kill(tmp_path: Path, command: str, config: dict, kept_step: int, final_step: int,
                        later_outputs: tuple[str, ...]) -> tuple[Path, Path]:
     """Run `config` uninterrupted and again; then make the second look killed right after checkpoint `kept_step`
     (later checkpoints and `later_outputs` gone) and resume it. Returns (resumed run, uninterrupted run)."""
-    import shutil
-
-    from lmrefinery.train.checkpoint import checkpoint_steps
+    from lmrefinery.train.checkpoint_format import checkpoint_steps
 
     reference = tmp_path / "uninterrupted"
     assert run_cli(command, "--config", write_yaml(tmp_path / "ref.yaml", dict(config, output_dir=str(reference)))) == 0
     run = Path(config["output_dir"])
     assert run_cli(command, "--config", write_yaml(tmp_path / "run.yaml", config)) == 0
-    for step in checkpoint_steps(run):
-        if step > kept_step:
-            shutil.rmtree(run / "checkpoints" / f"step-{step}")
-    for name in later_outputs:
-        path = run / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    cut_back(run, kept_step, later_outputs)
     assert checkpoint_steps(run) == [s for s in checkpoint_steps(reference) if s <= kept_step]
     assert run_cli(command, "--config", tmp_path / "run.yaml", "--resume") == 0
     assert checkpoint_steps(run)[-1] == final_step

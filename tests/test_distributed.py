@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from lmrefinery.train.checkpoint import checkpoint_steps
+from lmrefinery.train.checkpoint_format import checkpoint_steps
 from tests.helpers import final_weights, losses, run_one_and_two_processes, run_torchrun, sft_config
 
 
@@ -28,7 +27,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     assert checkpoint_steps(tmp_path / "double") == [2]
     result = run_torchrun(2, "sft", "--config", tmp_path / "double.yaml", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = load_file(str(tmp_path / "double" / "checkpoints" / "step-4" / "model.safetensors"))
+    resumed = final_weights(tmp_path / "double", 4)
     for name in final_single:
         torch.testing.assert_close(resumed[name], final_double[name], atol=1e-6, rtol=0)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmrefinery.train.checkpoint import CHECKSUMS, checkpoint_steps
+from lmrefinery.train.checkpoint_format import CHECKSUMS, checkpoint_steps
 from lmrefinery.train.run_dir import read_metrics
 from tests.first_helpers import make_cache, teacher_config
 from tests.helpers import REPO, final_weights, losses, run_cli, sft_config, write_yaml
@@ -81,11 +81,17 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _shard(directory: Path) -> Path:
+    """The one shard file of a single-process checkpoint."""
+    (shard,) = directory.glob("shard-*.safetensors")
+    return shard
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage", ["flip a weight byte", "truncate the optimizer", "delete the checksum record"])
+@pytest.mark.parametrize("damage", ["flip a weight byte", "truncate the shard", "delete the checksum record"])
 def test_a_rotten_newest_checkpoint_is_named_skipped_and_the_run_still_ends_bit_equal(tmp_path, tiny_model_dir,
                                                                                       caplog, damage):
     config = sft_config(tmp_path, tiny_model_dir, steps=9, checkpoint_every=3)
@@ -95,10 +101,10 @@ def test_a_rotten_newest_checkpoint_is_named_skipped_and_the_run_still_ends_bit_
     assert run_cli("sft", "--config", path) == 0
     shutil.rmtree(run / "checkpoints" / "step-9")  # killed after step 6; then step 6's files rot
     newest = run / "checkpoints" / "step-6"
-    assert json.loads((newest / CHECKSUMS).read_text()).keys() >= {"model.safetensors", "model-optimizer.pt",
-                                                                   "state.json", "rng-rank0.json"}
-    {"flip a weight byte": lambda: _flip_a_byte(newest / "model.safetensors"),
-     "truncate the optimizer": lambda: _truncate(newest / "model-optimizer.pt"),
+    shard = _shard(newest)  # weights and optimizer state: one process writes one shard file
+    assert json.loads((newest / CHECKSUMS).read_text()).keys() == {shard.name, "state.json", "rng-rank0.json"}
+    {"flip a weight byte": lambda: _flip_a_byte(shard),
+     "truncate the shard": lambda: _truncate(shard),
      "delete the checksum record": lambda: (newest / CHECKSUMS).unlink()}[damage]()
     with caplog.at_level("WARNING"):
         assert run_cli("sft", "--config", path, "--resume") == 0
@@ -116,12 +122,12 @@ def test_when_no_checkpoint_verifies_resume_exits_2_naming_the_file(tmp_path, ti
     assert run_cli("sft", "--config", path) == 0
     run = Path(config["output_dir"])
     for step in checkpoint_steps(run):
-        _flip_a_byte(run / "checkpoints" / f"step-{step}" / "model.safetensors")
+        _flip_a_byte(_shard(run / "checkpoints" / f"step-{step}"))
     capsys.readouterr()
     assert run_cli("sft", "--config", path, "--resume") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
-    assert f"{run / 'checkpoints' / 'step-6' / 'model.safetensors'}: does not match its checksum" in err[-1]
+    assert f"{_shard(run / 'checkpoints' / 'step-6')}: does not match its checksum" in err[-1]
 
 
 # ---- teacher caches with a missing or foreign shard -----------------------------------------------------------------

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from lmrefinery.cli import COMMANDS, _parser, config_class
 from lmrefinery.config.keys import config_keys
+from lmrefinery.train.checkpoint_load import full_tensors
 from lmrefinery.train.run_dir import read_metrics
 from tests.helpers import run_cli, sft_config, write_yaml
 
@@ -82,7 +83,7 @@ def test_keep_best_saves_the_best_validation_weights_as_the_model(tmp_path, tiny
     assert summary["last_val_loss"] == validation[-1]["val_loss"] > 1.1 * best["val_loss"]
     assert summary["model_step"] == best["step"] < 8
     assert any("above its best" in r.getMessage() for r in caplog.records)
-    checkpoint = load_file(str(tmp_path / "run" / "checkpoints" / f"step-{best['step']}" / "model.safetensors"))
+    checkpoint = full_tensors(tmp_path / "run" / "checkpoints" / f"step-{best['step']}")
     saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     for name, tensor in checkpoint.items():
         torch.testing.assert_close(saved[name], tensor, atol=0, rtol=0)

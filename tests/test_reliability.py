@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmrefinery.train.checkpoint import checkpoint_steps, write_checksums
+from lmrefinery.train.checkpoint_format import checkpoint_steps, write_checksums
 from lmrefinery.train.run_dir import read_metrics
-from tests.helpers import REPO, losses, run_cli, sft_config, write_yaml
+from tests.helpers import REPO, final_weights, losses, run_cli, sft_config, write_yaml
 from tests.tiny import messages_records, write_jsonl
 
 
@@ -246,14 +246,13 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_never_runs(tmp_pa
     config = _sft(tmp_path, tiny_model_dir, steps=2, checkpoint_every=1)
     assert run_cli("sft", "--config", config) == 0
     MARKER.unlink(missing_ok=True)
-    optimizer = tmp_path / "run" / "checkpoints" / "step-2" / "model-optimizer.pt"
-    state = torch.load(optimizer, weights_only=True)
-    state["param_groups"][0]["payload"] = _SideEffect()
-    torch.save(state, optimizer)
-    write_checksums(optimizer.parent)  # a checkpoint handed over whole: its checksums agree with the pickle
+    step = tmp_path / "run" / "checkpoints" / "step-2"
+    (shard,) = step.glob("shard-*.safetensors")
+    torch.save({"payload": _SideEffect()}, shard)  # a pickle where the tensors were
+    write_checksums(step)  # a checkpoint handed over whole: its checksums agree with the pickle
     assert run_cli("sft", "--config", config, "--resume", "train.steps=3") == 2
     err = capsys.readouterr().err
-    assert f"{optimizer}: refused to load" in err and "Traceback" not in err
+    assert f"{step}: not a readable checkpoint" in err and "Traceback" not in err
     assert not MARKER.exists()
 
 
@@ -284,8 +283,8 @@ def test_a_full_disk_stops_cleanly_and_resume_finishes_bit_equal(tmp_path, tiny_
                                                                warmup_steps=0, checkpoint_every=2),
                                                     output_dir=str(tmp_path / "straight"), save_model=False))
     assert run_cli("sft", "--config", straight) == 0
-    resumed = load_file(str(tmp_path / "run" / "checkpoints" / "step-4" / "model.safetensors"))
-    reference = load_file(str(tmp_path / "straight" / "checkpoints" / "step-4" / "model.safetensors"))
+    resumed = final_weights(tmp_path / "run", 4)
+    reference = final_weights(tmp_path / "straight", 4)
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
 

@@ -3,7 +3,6 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lmrefinery.data.collate import collate
@@ -11,7 +10,8 @@ from lmrefinery.data.sources import TokenizedExample
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.data.formats import Conversation, Message
 from lmrefinery.models.loading import enable_activation_checkpointing
-from lmrefinery.train.checkpoint import checkpoint_steps
+from lmrefinery.train.checkpoint_format import checkpoint_steps
+from lmrefinery.train.checkpoint_load import full_tensors
 from lmrefinery.train.distributed import DistEnv
 from lmrefinery.train.losses import accumulate_token_mean_gradients
 from lmrefinery.train.run_dir import read_metrics
@@ -122,14 +122,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir,
     assert checkpoint_steps(run) == [1]
     assert not (run / "model").exists()
     assert "diverged" in capsys.readouterr().err
-    assert load_file(str(run / "checkpoints" / "step-1" / "model.safetensors"))  # complete and readable
+    assert full_tensors(run / "checkpoints" / "step-1")  # complete and readable
 
 
 def test_final_model_loads_with_automodel_and_matches_checkpoint(tmp_path, tiny_model_dir):
     config = sft_config(tmp_path, tiny_model_dir, steps=2, checkpoint_every=None)
     assert run_cli("sft", "--config", write_yaml(tmp_path / "c.yaml", config)) == 0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
-    checkpoint = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors"))
+    checkpoint = full_tensors(tmp_path / "run" / "checkpoints" / "step-2")
     state = loaded.state_dict()
     for name, tensor in checkpoint.items():
         torch.testing.assert_close(state[name], tensor, atol=0, rtol=0)

@@ -1,8 +1,9 @@
-"""Atomic file output: a reader (or a crash) never sees a half-written file or directory."""
+"""Atomic file output (a reader, or a crash, never sees a half-written file or directory) and file digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +12,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmrefinery.errors import UserError
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (checkpoint and teacher-cache files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _temp_sibling(path: Path, is_dir: bool) -> Path:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from lmrefinery.data.tokenize import tokenizer_fingerprint
 from lmrefinery.errors import UserError
-from lmrefinery.fileio import atomic_write_json, atomic_write_text
+from lmrefinery.fileio import atomic_write_json, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -37,14 +37,6 @@ STAT_KS = tuple(range(1, 11))
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def vocabulary_fingerprint(tokenizer) -> str:

@@ -20,7 +20,8 @@ from lmrefinery.lisa import LISA
 from lmrefinery.models import load_tokenizer
 from lmrefinery.models.lora import add_lora
 from lmrefinery.plots import loss_plot
-from lmrefinery.train.checkpoint import load_module_weights, seed_everything
+from lmrefinery.train.checkpoint_load import load_module_weights
+from lmrefinery.train.rng import seed_everything
 from lmrefinery.train.distributed import DistEnv, setup_distributed, shard_model
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import LossSumsFn, example_loss_sums

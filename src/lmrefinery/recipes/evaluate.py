@@ -23,7 +23,7 @@ from lmrefinery.evaluation.mcq import mcq_metrics, score_items
 from lmrefinery.fileio import atomic_write_json, atomic_write_text, output_directory
 from lmrefinery.models import load_model, load_tokenizer
 from lmrefinery.recipes.common import load_data
-from lmrefinery.train.checkpoint import seed_everything
+from lmrefinery.train.rng import seed_everything
 from lmrefinery.train.distributed import progress_bar, setup_distributed, shard_model
 
 log = logging.getLogger(__name__)

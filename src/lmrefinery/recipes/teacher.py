@@ -21,7 +21,7 @@ from lmrefinery.errors import UserError
 from lmrefinery.fileio import output_directory, remove_temporaries
 from lmrefinery.models import load_model
 from lmrefinery.recipes.common import load_data
-from lmrefinery.train.checkpoint import seed_everything
+from lmrefinery.train.rng import seed_everything
 from lmrefinery.train.distributed import barrier, progress_bar, setup_distributed
 from lmrefinery.train.run_dir import lock_run_dir
 

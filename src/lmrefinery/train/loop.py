@@ -22,7 +22,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lmrefinery.config import ScheduleConfig
-from lmrefinery.train.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
+from lmrefinery.train.checkpoint import save_checkpoint
+from lmrefinery.train.checkpoint_format import latest_checkpoint, read_checkpoint_state
+from lmrefinery.train.checkpoint_load import load_checkpoint
 from lmrefinery.train.distributed import DistEnv, progress_bar
 from lmrefinery.train.precision import peak_memory_bytes
 from lmrefinery.train.run_dir import MetricsLog, check_resume_config, start_run
