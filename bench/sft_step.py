@@ -1,15 +1,27 @@
-"""Step time of `lmrefinery sft` vs a plain Hugging Face Trainer loop, same model, data and batch, side by side.
+"""Step time of `lmrefinery sft` against the trainers users would otherwise pick — TRL's `SFTTrainer` and the Hugging
+Face Trainer — on the same model, data and batch, at the same precision, side by side in one run.
 
-Both runs go through their whole training loop (data, forward, backward, clipping, AdamW, schedule, logging); the
+Every run goes through its whole training loop (data, forward, backward, clipping, AdamW, schedule, logging); the
 per-step wall time is taken between consecutive step ends, the first `--warmup` steps dropped, and the median
 compared. The runs alternate for `--rounds` rounds in one process so that machine noise hits all alike.
 
+`--precision bf16` (the comparison a user makes): bf16 autocast over fp32 master weights in every trainer (TRL and
+the HF Trainer with `bf16=True`; lmrefinery `model.precision: bf16`). TRL runs with prompt-completion records
+(loss on the completion only, as ours) and padded batches: its packing measured slower on this CPU, and
+padding-free batches need FlashAttention, which CPUs lack. The bench also measures this machine's bf16 (or fp32)
+GEMM throughput (a 2048² matmul on the threads torch uses) in the same run and reports each trainer's fraction of
+it: 6 × non-embedding parameters × tokens per second / peak (attention's own FLOPs left out, so a lower bound).
+
+Shapes: `--shape mcq` (multiple-choice-like: a question and a two-word reply) and `--shape chat` (the evidence's
+reasoning-gym families and KJV passages, as `compare` builds them).
+
 `--levers` also measures lmrefinery with its speed levers switched off and on one at a time: the LM head applied at
 every position (`full-logits`, how it was before) vs only where a label exists (`head-at-labels`), and fp32 vs bf16
-autocast (`--reply-words 2` makes multiple-choice-like data, where almost every position is prompt).
+autocast.
 
-    python bench/sft_step.py                                  # a random 6-layer Llama of ≈ 20M parameters
-    python bench/sft_step.py --model smollm2-135m-instruct --levers --reply-words 2
+    python bench/sft_step.py --model smollm2-135m-instruct --precision bf16 --shape mcq --trl
+    python bench/sft_step.py --model smollm2-135m-instruct --precision bf16 --shape chat --trl
+    python bench/sft_step.py                                  # a random 6-layer Llama of ≈ 20M parameters, fp32
 """
 
 from __future__ import annotations
@@ -47,12 +59,23 @@ def make_model_dir(root: Path, name: str) -> Path:
     return directory
 
 
-def make_data(root: Path, examples: int, length_words: int, reply_words: int) -> Path:
+def make_data(root: Path, examples: int, length_words: int, reply_words: int, shape: str = "words") -> Path:
     import random
 
+    path = root / "data.jsonl"
+    if shape == "chat":
+        from lmrefinery.data.builders import kjv_records, reasoning_gym_records
+
+        families = [("letter_counting", {}), ("basic_arithmetic", {"max_digits": 1}), ("gcd", {}),
+                    ("leg_counting", {}), ("syllogism", {})]
+        share = -(-examples // (len(families) + 1))
+        records = [r for task, settings in families for r in reasoning_gym_records(task, share, 0, **settings)]
+        records += kjv_records(share, 0)
+        random.Random(0).shuffle(records)
+        path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records[:examples]))
+        return path
     rng = random.Random(0)
     words = "the quick brown fox jumps over lazy dog two plus three is five capital of France Paris".split()
-    path = root / "data.jsonl"
     with path.open("w") as handle:
         for _ in range(examples):
             question = " ".join(rng.choice(words) for _ in range(length_words))
@@ -60,6 +83,19 @@ def make_data(root: Path, examples: int, length_words: int, reply_words: int) ->
             handle.write(json.dumps({"messages": [{"role": "user", "content": question},
                                                   {"role": "assistant", "content": answer}]}) + "\n")
     return path
+
+
+def gemm_peak_flops(precision: str, size: int = 2048, repeats: int = 10) -> float:
+    """This machine's matmul throughput (FLOP/s) at the training precision: the best of `repeats` timed products."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
 
 
 def _full_logits(model, batch, precision):
@@ -99,9 +135,9 @@ def lmrefinery_step_times(model_dir: Path, data: Path, root: Path, args, round_i
     return [b - a for a, b in zip(times, times[1:])]
 
 
-def hf_trainer_step_times(model_dir: Path, data: Path, root: Path, args, round_index: int) -> list[float]:
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
+def _tokenized(model_dir: Path, data: Path, args):
+    """The examples as lmrefinery tokenises them (response-only labels): what the HF Trainer is fed."""
+    from transformers import AutoTokenizer
 
     from lmrefinery.config import DataConfig, SourceConfig
     from lmrefinery.data.sources import load_pool
@@ -112,23 +148,84 @@ def hf_trainer_step_times(model_dir: Path, data: Path, root: Path, args, round_i
         tokenizer.pad_token = tokenizer.eos_token
     data_config = DataConfig(sources=[SourceConfig(name="data", path=str(data))], max_length=args.max_length)
     pool = load_pool(data_config.sources, ChatEncoder(tokenizer), data_config)
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in pool.examples]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    ends: list[float] = []
+    return tokenizer, [{"input_ids": e.input_ids, "labels": e.labels} for e in pool.examples]
 
-    class StepClock(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            ends.append(time.time())
 
-    training_args = TrainingArguments(
-        output_dir=str(root / f"hf-{round_index}"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        learning_rate=1e-5, lr_scheduler_type="cosine", max_grad_norm=1.0, optim="adamw_torch", logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=[StepClock()])
+class _StepClock:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        ends = self.ends = []
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, *_, **__):
+                ends.append(time.time())
+
+        self.callback = Clock()
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
+def _common_arguments(root: Path, name: str, args) -> dict:
+    return dict(output_dir=str(root / name), max_steps=args.steps, per_device_train_batch_size=args.batch,
+                learning_rate=1e-5, lr_scheduler_type="cosine", max_grad_norm=1.0, optim="adamw_torch",
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=args.precision == "bf16")
+
+
+def _fp32_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def hf_trainer_step_times(model_dir: Path, data: Path, root: Path, args, round_index: int) -> list[float]:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tokenizer, dataset = _tokenized(model_dir, data, args)
+    clock = _StepClock()
+    trainer = Trainer(model=_fp32_model(model_dir), args=TrainingArguments(**_common_arguments(
+        root, f"hf-{round_index}", args)), train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=[clock.callback])
     trainer.train()
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return clock.step_times()
+
+
+def trl_step_times(model_dir: Path, data: Path, root: Path, args, round_index: int) -> list[float]:
+    """TRL's SFTTrainer on the same conversations as prompt-completion records (loss on the completion only)."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line)["messages"] for line in data.read_text().splitlines()]
+    dataset = datasets.Dataset.from_list([{"prompt": messages[:-1], "completion": messages[-1:]}
+                                          for messages in rows])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    clock = _StepClock()
+    config = SFTConfig(**_common_arguments(root, f"trl-{round_index}", args), max_length=args.max_length,
+                       packing=False, padding_free=False, completion_only_loss=True, dataset_num_proc=None)
+    trainer = SFTTrainer(model=_fp32_model(model_dir), args=config, train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[clock.callback])
+    trainer.train()
+    return clock.step_times()
+
+
+def _token_rate(model_dir: Path, data: Path, args) -> tuple[int, float]:
+    """(non-embedding parameters, mean tokens per example) — for the fraction of peak."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    # the LM head is a matmul too, but ours applies it only at labelled positions: count the blocks alone
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding.numel() - (
+        0 if tied or output is None else output.weight.numel())
+    _, examples = _tokenized(model_dir, data, args)
+    return non_embedding, sum(len(e["input_ids"]) for e in examples) / len(examples)
 
 
 def main() -> None:
@@ -139,39 +236,55 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--shape", choices=["words", "mcq", "chat"], default="words",
+                        help="words: --words / --reply-words random words; mcq: a question and a 2-word reply; "
+                             "chat: the evidence's reasoning-gym families and KJV passages")
     parser.add_argument("--words", type=int, default=40, help="words per prompt")
     parser.add_argument("--reply-words", type=int, default=None, help="words per reply (default: --words)")
+    parser.add_argument("--trl", action="store_true", help="also TRL's SFTTrainer (pip install -e .[bench])")
     parser.add_argument("--levers", action="store_true", help="also lmrefinery without / with each speed lever")
     args = parser.parse_args()
+    if args.shape == "mcq":
+        args.reply_words = 2
     import logging
 
     logging.disable(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = make_model_dir(root, args.model)
-        data = make_data(root, args.batch * args.steps, args.words, args.reply_words or args.words)
-        from transformers import AutoConfig, AutoModelForCausalLM
-
+        data = make_data(root, args.batch * args.steps, args.words, args.reply_words or args.words,
+                         "chat" if args.shape == "chat" else "words")
         variants = (["fp32/full-logits", "fp32/head-at-labels", "bf16/full-logits", "bf16/head-at-labels"]
-                    if args.levers else ["fp32/head-at-labels"])
+                    if args.levers else [f"{args.precision}/head-at-labels"])
         ours = {variant: [] for variant in variants}
-        theirs = []
+        theirs: dict[str, list[float]] = {"hf_trainer": [], **({"trl_sft_trainer": []} if args.trl else {})}
         for round_index in range(args.rounds):
-            theirs += hf_trainer_step_times(model_dir, data, root, args, round_index)[args.warmup:]
+            theirs["hf_trainer"] += hf_trainer_step_times(model_dir, data, root, args, round_index)[args.warmup:]
+            if args.trl:
+                theirs["trl_sft_trainer"] += trl_step_times(model_dir, data, root, args, round_index)[args.warmup:]
             for variant in variants:
                 ours[variant] += lmrefinery_step_times(model_dir, data, root, args, round_index,
                                                        variant)[args.warmup:]
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(model_dir)).parameters())
-    theirs_median = statistics.median(theirs)
+        peak = gemm_peak_flops(args.precision)
+        non_embedding, mean_tokens = _token_rate(model_dir, data, args)
+
+    def figures(times: list[float]) -> dict:
+        step = statistics.median(times)
+        return {"step_s": round(step, 4), "per_example_s": round(step / args.batch, 4),
+                "fraction_of_peak": round(6 * non_embedding * mean_tokens * args.batch / step / peak, 3)}
+
+    fastest_name = min(theirs, key=lambda name: statistics.median(theirs[name]))
+    fastest = statistics.median(theirs[fastest_name])
     print(json.dumps({
-        "model": args.model, "parameters": parameters, "batch": args.batch, "max_length": args.max_length,
-        "prompt_words": args.words, "reply_words": args.reply_words or args.words,
-        "steps_measured_each": len(theirs), "hf_trainer_fp32_step_s": round(theirs_median, 4),
-        "lmrefinery": {variant: {"step_s": round(statistics.median(times), 4),
-                                 "ratio_over_hf_fp32": round(statistics.median(times) / theirs_median, 3)}
-                       for variant, times in ours.items()},
-        "target": "fp32/head-at-labels ratio <= 1.05"}, indent=2))
+        "model": args.model, "non_embedding_parameters": non_embedding, "batch": args.batch,
+        "max_length": args.max_length, "shape": args.shape, "mean_tokens_per_example": round(mean_tokens, 1),
+        "precision": args.precision, "gemm_peak_gflops": round(peak / 1e9, 1),
+        "steps_measured_each": len(theirs["hf_trainer"]),
+        "anchors": {name: figures(times) for name, times in theirs.items()}, "fastest_anchor": fastest_name,
+        "lmrefinery": {variant: {**figures(times), "ratio_over_fastest_anchor":
+                                 round(statistics.median(times) / fastest, 3)} for variant, times in ours.items()},
+        "targets": {"ratio_over_fastest_anchor": "<= 0.5", "fraction_of_peak": ">= 0.5"}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 from lmrefinery.config import DataConfig, SourceConfig
 from lmrefinery.data import pool_cache
 from lmrefinery.data.sources import load_source
+from lmrefinery.data.token_columns import ChunkBuilder, PoolExamples
 from lmrefinery.data.tokenize import ChatEncoder
 
 
@@ -28,9 +29,9 @@ def _rows(examples):
 class _CountingEncoder(ChatEncoder):
     calls = 0
 
-    def encode(self, example, location):
-        _CountingEncoder.calls += 1
-        return super().encode(example, location)
+    def encode_many(self, items):
+        _CountingEncoder.calls += len(items)
+        return super().encode_many(items)
 
 
 def _load(path, tokenizer, **data):
@@ -75,14 +76,13 @@ def test_changed_settings_files_or_tokenizer_make_a_new_entry(tmp_path, tokenize
 
 def test_a_damaged_entry_is_rebuilt(tmp_path, tokenizer, caplog):
     path = _write(tmp_path / "a.jsonl", 10)
-    reference, _ = _load(path, tokenizer)
+    reference = _rows(_load(path, tokenizer)[0])  # read now: the file it maps is damaged below
     settings = DataConfig(sources=[SourceConfig(name="s", path=str(path))])
     key = pool_cache.source_key(settings.sources[0], ChatEncoder(tokenizer).fingerprint, settings)
-    for arrow in (pool_cache.cache_directory(key) / "examples").glob("*.arrow"):
-        arrow.write_bytes(b"not arrow")
+    (pool_cache.cache_directory(key) / "examples.arrow").write_bytes(b"not arrow")
     _CountingEncoder.calls = 0
     rebuilt, _ = _load(path, tokenizer)
-    assert _rows(rebuilt) == _rows(reference) and _CountingEncoder.calls == 10
+    assert _rows(rebuilt) == reference and _CountingEncoder.calls == 10
     assert pool_cache.load_cached(key) is not None  # written again
 
 
@@ -91,10 +91,23 @@ def test_sources_that_are_not_local_files_are_not_cached(tokenizer):
     assert pool_cache.source_key(settings.sources[0], "x", settings) is None
 
 
-@pytest.mark.parametrize("count", [1, 5])
-def test_arrow_columns_come_back_as_the_same_lists(tmp_path, monkeypatch, count):
+@pytest.mark.parametrize("rows_per_chunk", [[1], [5], [3, 0, 4]])
+def test_chunks_come_back_from_the_arrow_file_as_written(tmp_path, monkeypatch, rows_per_chunk):
+    """Each chunk is one record batch; read back (memory-mapped) every column equals what was written."""
     monkeypatch.setenv("LMREFINERY_CACHE", str(tmp_path))
-    ids = [list(range(i, 2 * i + 1)) for i in range(count)]
-    labels = [[-100] + row[1:] for row in ids]
-    pool_cache.store(f"k{count}", ids, labels, list(range(count)), {"n": count})
-    assert pool_cache.load_cached(f"k{count}") == (ids, labels, list(range(count)), {"n": count})
+    written, record = [], 0
+    writer = pool_cache.CacheWriter("k")
+    for rows in rows_per_chunk:
+        builder = ChunkBuilder()
+        for _ in range(rows):
+            ids = list(range(record, 2 * record + 1))
+            builder.add(ids, [-100] + ids[1:], 10 * record)
+            written.append((ids, [-100] + ids[1:], 10 * record))
+            record += 1
+        writer.write(builder.take())
+    writer.finish({"n": record})
+    chunks, stats = pool_cache.load_cached("k")
+    assert stats == {"n": record} and [chunk.rows for chunk in chunks] == rows_per_chunk
+    examples = PoolExamples([chunks])
+    assert [(e.input_ids, e.labels, e.record) for e in examples] == written
+    assert examples.lengths().tolist() == [len(ids) for ids, _, _ in written]

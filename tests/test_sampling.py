@@ -83,7 +83,7 @@ def test_a_draw_costs_no_new_permutation_of_a_large_pool(monkeypatch):
     batches = [sampler.next_batch() for _ in range(20)]
     assert len(calls) == 1
     order = original(1_000_000, 3, 0, 0)
-    assert [i for batch in batches for i in batch] == order[: 20 * 128]
+    assert [i for batch in batches for i in batch] == order[: 20 * 128].tolist()
     resumed = MixtureSampler.build(SamplingConfig(strategy="proportional"), ["a", "b"], sources, 128, seed=3)
     resumed.load_state_dict(json.loads(json.dumps(sampler.state_dict())))
     assert resumed.next_batch() == sampler.next_batch()  # the state is small and exact

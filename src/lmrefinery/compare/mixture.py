@@ -29,7 +29,7 @@ def token_budget(config: CompareConfig, pool) -> int:
     (N = num_examples, default train.steps × train.batch_size)."""
     if config.mixture.token_budget is not None:
         return config.mixture.token_budget
-    mean_length = sum(len(e.input_ids) for e in pool.examples) / len(pool.examples)
+    mean_length = int(pool.lengths().sum()) / len(pool.examples)
     return round((config.mixture.num_examples or config.train.steps * config.train.batch_size) * mean_length)
 
 
@@ -92,7 +92,7 @@ def _sft_on(config: CompareConfig, seed: int, directory: Path, pool, chosen: lis
                       "appended_validation": len(records) - len(chosen), "cost": cost,
                       "realised_shares": realised_shares(sources, pool.names),
                       "unique_examples": len(set(chosen)), "token_budget": token_budget(config, pool),
-                      "sft_tokens": sum(len(pool.examples[i].input_ids) for i in chosen)} | (extra or {})
+                      "sft_tokens": int(pool.lengths()[chosen].sum()) if chosen else 0} | (extra or {})
 
 
 def _mix_and_sft(config: CompareConfig, seed: int, directory: Path, weights: dict[str, float],
@@ -104,7 +104,7 @@ def _mix_and_sft(config: CompareConfig, seed: int, directory: Path, weights: dic
     total = sum(weights[name] for name in pool.names)
     probabilities = [weights[name] / total for name in pool.names]
     drawn = mixture_within_budget([len(indices) for indices in per_source], probabilities,
-                                  lambda source, index: len(pool.examples[per_source[source][index]].input_ids),
+                                  lambda source, index: int(pool.lengths()[per_source[source][index]]),
                                   token_budget(config, pool), config.train.batch_size, seed)
     return _sft_on(config, seed, directory, pool, [per_source[source][index] for source, index in drawn],
                    cost or selection_cost(), {"weights": dict(zip(pool.names, probabilities))})
@@ -135,7 +135,8 @@ def _select_within_budget(config: CompareConfig, seed: int, pool, scores: torch.
     """The highest-scoring examples that fit the token budget (whole batches), in a seeded shuffled order; writes
     every example's score."""
     order = rank_by_score(scores)
-    count = fill_budget([len(pool.examples[i].input_ids) for i in order], token_budget(config, pool),
+    lengths = pool.lengths()
+    count = fill_budget([int(lengths[i]) for i in order], token_budget(config, pool),
                         config.train.batch_size)
     chosen = order[:count]
     selected = set(chosen)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmrefinery.data.sources import TokenizedExample
+from lmrefinery.data.token_columns import TokenizedExample
 from lmrefinery.data.tokenize import IGNORE_INDEX
 
 

@@ -1,10 +1,12 @@
-"""The tokenised examples of a source, cached on disk with `datasets` and reused by later runs.
+"""The tokenised examples of a source, cached on disk and reused, memory-mapped, by later runs.
 
 Reading and tokenising is the slow part of starting a run on a large source (rendering the chat template of every
 record in Python). The result depends only on the source's files, the tokenizer and the data settings, so it is
-stored once as an Arrow dataset (`datasets.Dataset.save_to_disk`: columns input_ids, labels, record; memory-mapped
-when read back) under `<cache root>/pools/<key>/`, next to the source's statistics, and loaded from there when the
-same key comes again.
+stored once as an Arrow IPC file (pyarrow; columns input_ids and labels as list<int32>, record as int64; one record
+batch per chunk of examples) under `<cache root>/pools/<key>/examples.arrow`, next to the source's statistics, and
+memory-mapped when the same key comes again: the pool's columns are views of the file (data/token_columns.py), so
+loading costs the offsets, not the tokens. The file is written chunk by chunk while the source is tokenised, so a
+first load holds one chunk in memory, not the source.
 
 The key covers: each file's resolved path, size and modification time (what `make` trusts; editing a file changes its
 mtime); the source's format, limit, split and subset; the tokenizer's fingerprint (vocabulary, special tokens, chat
@@ -24,14 +26,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import datasets
 import numpy as np
+import pyarrow as pa
 
+from lmrefinery.data.token_columns import TokenChunk
 from lmrefinery.fileio import cache_root
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: a datasets.save_to_disk directory read into Python lists
+
+SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("record", pa.int64())])
 
 
 def _files_of(location: Path) -> list[Path]:
@@ -64,55 +69,68 @@ def cache_directory(key: str) -> Path:
     return cache_root() / "pools" / key
 
 
-def load_cached(key: str) -> tuple[list[list[int]], list[list[int]], list[int], dict] | None:
-    """(input_ids, labels, records, stats) stored under `key`, or None when there is no complete entry."""
+def load_cached(key: str) -> tuple[list[TokenChunk], dict] | None:
+    """(chunks, stats) stored under `key` — the chunks memory-mapped views of the file — or None when there is no
+    complete entry."""
     directory = cache_directory(key)
     if not (directory / "stats.json").is_file():
         return None
     try:
         stats = json.loads((directory / "stats.json").read_text())
-        table = datasets.load_from_disk(str(directory / "examples")).data.table
-        return _lists(table["input_ids"]), _lists(table["labels"]), table["record"].to_pylist(), stats
-    except (OSError, ValueError) as exc:  # damaged (disk, hand edits; pyarrow's errors are ValueErrors): rebuild it
+        reader = pa.ipc.open_file(pa.memory_map(str(directory / "examples.arrow"), "r"))
+        chunks = [_chunk(reader.get_batch(i)) for i in range(reader.num_record_batches)]
+    except (OSError, ValueError, KeyError) as exc:  # damaged (disk, hand edits; pyarrow's ArrowInvalid is a
+        # ValueError): rebuild it
         log.warning("pool cache %s unreadable (%s); tokenising again", directory, str(exc).splitlines()[0])
         shutil.rmtree(directory, ignore_errors=True)
         return None
+    return chunks, stats
 
 
-def _lists(column) -> list[list[int]]:
-    """A list<int32> Arrow column as Python lists, through numpy (much faster than to_pylist for millions of rows)."""
-    if len(column) == 0:
-        return []
-    column = column.combine_chunks()
-    offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy().tolist()
-    return [values[start:end] for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+def _chunk(batch: pa.RecordBatch) -> TokenChunk:
+    """A record batch's columns as numpy views (no copy): the list offsets index the whole values buffer."""
+    ids, labels = batch.column("input_ids"), batch.column("labels")
+    offsets = ids.offsets.to_numpy()
+    if not np.array_equal(offsets, labels.offsets.to_numpy()):
+        raise ValueError("input_ids and labels rows differ in length")
+    return TokenChunk(ids.values.to_numpy(), labels.values.to_numpy(), offsets, batch.column("record").to_numpy())
 
 
-def store(key: str, input_ids: list[list[int]], labels: list[list[int]], records: list[int], stats: dict) -> None:
-    """Write one entry atomically; an entry another process completed first is kept."""
-    directory = cache_directory(key)
-    if not input_ids or (directory / "stats.json").is_file():  # (a source without examples is an error anyway)
-        return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "labels": datasets.Sequence(datasets.Value("int32")),
-                                  "record": datasets.Value("int64")})
-    temporary = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=directory.parent))
-    try:
-        table = datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels,
-                                            "record": np.asarray(records, dtype=np.int64)}, features=features)
-        progress_was_on = not datasets.utils.are_progress_bars_disabled()
-        datasets.disable_progress_bars()  # a cache write is not a step the user asked for: no bar on stderr
+class CacheWriter:
+    """Writes one entry chunk by chunk into a temporary directory; `finish` renames it into place (an entry another
+    process completed first is kept), `abort` removes it."""
+
+    def __init__(self, key: str):
+        self.key = key
+        directory = cache_directory(key)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        self._temporary = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=directory.parent))
+        self._sink = pa.OSFile(str(self._temporary / "examples.arrow"), "wb")
+        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+
+    def write(self, chunk: TokenChunk) -> None:
+        offsets = pa.array(chunk.offsets, type=pa.int32())  # a chunk's tokens stay far below 2^31
+        self._writer.write_batch(pa.record_batch([
+            pa.ListArray.from_arrays(offsets, pa.array(chunk.ids, type=pa.int32())),
+            pa.ListArray.from_arrays(offsets, pa.array(chunk.labels, type=pa.int32())),
+            pa.array(chunk.records, type=pa.int64())], schema=SCHEMA))
+
+    def finish(self, stats: dict) -> None:
         try:
-            table.save_to_disk(str(temporary / "examples"))
+            self._writer.close()
+            self._sink.close()
+            (self._temporary / "stats.json").write_text(json.dumps(stats))
+            try:
+                os.rename(self._temporary, cache_directory(self.key))
+            except OSError:  # another process renamed its copy first
+                pass
         finally:
-            if progress_was_on:
-                datasets.enable_progress_bars()
-        (temporary / "stats.json").write_text(json.dumps(stats))
+            shutil.rmtree(self._temporary, ignore_errors=True)
+
+    def abort(self) -> None:
         try:
-            os.rename(temporary, directory)
-        except OSError:  # another process renamed its copy first
+            self._writer.close()
+            self._sink.close()
+        except (OSError, ValueError):
             pass
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(self._temporary, ignore_errors=True)

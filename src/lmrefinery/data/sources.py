@@ -1,4 +1,8 @@
-"""Named data sources, tokenised once, pooled in config order with deterministic source ids."""
+"""Named data sources, tokenised once, pooled in config order with deterministic source ids.
+
+The pool holds its examples as columns (data/token_columns.py): memory-mapped from the pool cache when the source
+was tokenised before, else built chunk by chunk while tokenising (and written to the cache as they are built).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,17 @@ from dataclasses import asdict, dataclass, field
 from lmrefinery.config import DataConfig, SourceConfig
 from lmrefinery.data.files import BadRecord, read_records
 from lmrefinery.data.formats import Conversation, detect_format, parse_record
-from lmrefinery.data.pool_cache import load_cached, source_key, store
+from lmrefinery.data.pool_cache import CacheWriter, load_cached, source_key
+from lmrefinery.data.token_columns import ChunkBuilder, PoolExamples, TokenChunk, TokenizedExample
 from lmrefinery.data.tokenize import IGNORE_INDEX, ChatEncoder
 from lmrefinery.errors import UserError
 
 log = logging.getLogger(__name__)
 
+__all__ = ["TokenizedExample", "SourceStats", "SourcePool", "load_source", "load_pool", "read_conversations"]
 
-@dataclass
-class TokenizedExample:
-    input_ids: list[int]
-    labels: list[int]
-    source_id: int
-    record: int = -1  # position of its record in the source file (data selection writes the chosen records back)
+CHUNK_ROWS = 16384  # examples per chunk: what a first load holds in memory before it goes to the cache file
+ENCODE_BATCH = 512  # records rendered, then tokenised in one batched call
 
 
 @dataclass
@@ -38,32 +40,34 @@ class SourceStats:
 
 @dataclass
 class SourcePool:
-    """All examples of all sources; `examples[i].source_id` indexes `names`."""
+    """All examples of all sources; `examples[i].source_id` indexes `names`. Sources are contiguous, in order."""
 
     names: list[str]
-    examples: list[TokenizedExample]
+    examples: PoolExamples
     stats: list[SourceStats]
 
     @property
     def sizes(self) -> list[int]:
-        counts = [0] * len(self.names)
-        for example in self.examples:
-            counts[example.source_id] += 1
-        return counts
+        return list(self.examples.source_sizes)
 
-    def counts(self, indices: list[int]) -> dict[str, int]:
+    def counts(self, indices) -> dict[str, int]:
         """How many of the examples at `indices` come from each source (by name)."""
         counts = dict.fromkeys(self.names, 0)
         for index in indices:
-            counts[self.names[self.examples[index].source_id]] += 1
+            counts[self.names[self.examples.source_of(index)]] += 1
         return counts
 
-    def source_indices(self) -> list[list[int]]:
+    def source_indices(self) -> list[range]:
         """Positions in `examples` of each source's examples, in file order."""
-        per_source: list[list[int]] = [[] for _ in self.names]
-        for index, example in enumerate(self.examples):
-            per_source[example.source_id].append(index)
-        return per_source
+        ranges, start = [], 0
+        for size in self.examples.source_sizes:
+            ranges.append(range(start, start + size))
+            start += size
+        return ranges
+
+    def lengths(self):
+        """Every example's token count, in pool order (a numpy array read from the offsets)."""
+        return self.examples.lengths()
 
 
 def _fit_length(input_ids: list[int], labels: list[int], data: DataConfig, stats: SourceStats, location: str):
@@ -80,76 +84,118 @@ def _fit_length(input_ids: list[int], labels: list[int], data: DataConfig, stats
 
 
 def load_source(spec: SourceConfig, source_id: int, encoder: ChatEncoder, data: DataConfig) -> tuple[
-        list[TokenizedExample], SourceStats]:
-    """The source's examples and statistics: from the pool cache when this source was tokenised before with the same
-    files, tokenizer and settings (data/pool_cache.py), else read and tokenised now (and cached)."""
+        PoolExamples, SourceStats]:
+    """The source's examples (as columns; `source_id` is the id they carry) and statistics: memory-mapped from the
+    pool cache when this source was tokenised before with the same files, tokenizer and settings
+    (data/pool_cache.py), else read and tokenised now (and cached)."""
+    chunks, stats = _source_chunks(spec, encoder, data)
+    return PoolExamples([[]] * source_id + [chunks]), stats
+
+
+def _source_chunks(spec: SourceConfig, encoder: ChatEncoder, data: DataConfig) -> tuple[list[TokenChunk],
+                                                                                          SourceStats]:
     key = source_key(spec, encoder.fingerprint, data) if data.cache else None
     cached = load_cached(key) if key else None
-    if cached is not None:
-        input_ids, labels, records, stats = cached
-        stats = SourceStats(**{**stats, "name": spec.name, "path": spec.path})
-        log.info("source %s: %d tokenised examples from the cache", spec.name, len(input_ids))
-        if stats.skipped:
-            log.warning("source %s: skipped %d bad records, e.g. %s", spec.name, stats.skipped,
-                        stats.skip_reasons[0])
-        return [TokenizedExample(ids, labs, source_id, record)
-                for ids, labs, record in zip(input_ids, labels, records)], stats
-    examples, stats = _tokenise_source(spec, source_id, encoder, data)
-    if key:
-        store(key, [e.input_ids for e in examples], [e.labels for e in examples], [e.record for e in examples],
-              asdict(stats))
-    return examples, stats
+    if cached is None and key:
+        writer = CacheWriter(key)
+        try:
+            _, stats = _tokenise_source(spec, encoder, data, writer.write)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish(asdict(stats))
+        cached = load_cached(key)  # what was just written (or what another process completed first), mapped
+    if cached is None:  # no cache: the chunks stay in memory
+        chunks: list[TokenChunk] = []
+        _, stats = _tokenise_source(spec, encoder, data, chunks.append)
+        return chunks, stats
+    chunks, stored = cached
+    stats = SourceStats(**{**stored, "name": spec.name, "path": spec.path})
+    log.info("source %s: %d tokenised examples from the cache", spec.name, stats.examples)
+    if stats.skipped:
+        log.warning("source %s: skipped %d bad records, e.g. %s", spec.name, stats.skipped, stats.skip_reasons[0])
+    return chunks, stats
 
 
-def _tokenise_source(spec: SourceConfig, source_id: int, encoder: ChatEncoder, data: DataConfig) -> tuple[
-        list[TokenizedExample], SourceStats]:
-    stats = SourceStats(spec.name, spec.path)
+def _parsed_records(spec: SourceConfig, stats: SourceStats):
+    """(record index, location, parsed example or BadRecord) for every record up to the source's limit."""
     fmt = None if spec.format == "auto" else spec.format
-    examples: list[TokenizedExample] = []
     for item in read_records(spec.path, spec.split, spec.subset):
         if spec.limit is not None and stats.records >= spec.limit:
             break
         stats.records += 1
+        if isinstance(item, BadRecord):
+            yield stats.records - 1, item.location, item
+            continue
         try:
-            if isinstance(item, BadRecord):
-                raise item
             if fmt is None:
                 fmt = detect_format(item.fields, item.location)
-            encoded = encoder.encode(parse_record(item.fields, fmt, item.location), item.location)
-            if all(label == IGNORE_INDEX for label in encoded.labels[1:]):
-                raise BadRecord(item.location, "example has no response tokens to learn from")
-            fitted = _fit_length(encoded.input_ids, encoded.labels, data, stats, item.location)
+                stats.format = fmt
+            yield stats.records - 1, item.location, parse_record(item.fields, fmt, item.location)
         except BadRecord as bad:
-            if data.on_bad_record == "error":
-                raise UserError(f"{bad.location}: {bad.problem} (set data.on_bad_record=skip to leave such "
-                                f"records out)") from None
-            stats.skipped += 1
-            if len(stats.skip_reasons) < 5:
-                stats.skip_reasons.append(str(bad))
-            continue
-        if fitted is not None:
-            examples.append(TokenizedExample(fitted[0], fitted[1], source_id, stats.records - 1))
-    stats.format = fmt or spec.format
-    stats.examples = len(examples)
-    if not examples:
+            yield stats.records - 1, item.location, bad
+
+
+def _tokenise_source(spec: SourceConfig, encoder: ChatEncoder, data: DataConfig, emit) -> tuple[int, SourceStats]:
+    """Read, parse and tokenise the source in batches (`ChatEncoder.encode_many`); every CHUNK_ROWS examples go to
+    `emit` as one chunk. Bad records are handled in record order, as one at a time would be."""
+    stats = SourceStats(spec.name, spec.path, format="" if spec.format == "auto" else spec.format)
+    builder = ChunkBuilder()
+    pending: list = []
+
+    def flush_batch() -> None:
+        encoded = iter(encoder.encode_many([(example, location) for _, location, example in pending
+                                            if not isinstance(example, BadRecord)]))
+        for record, location, example in pending:
+            result = example if isinstance(example, BadRecord) else next(encoded)
+            try:
+                if isinstance(result, BadRecord):
+                    raise result
+                if all(label == IGNORE_INDEX for label in result.labels[1:]):
+                    raise BadRecord(location, "example has no response tokens to learn from")
+                fitted = _fit_length(result.input_ids, result.labels, data, stats, location)
+            except BadRecord as bad:
+                if data.on_bad_record == "error":
+                    raise UserError(f"{bad.location}: {bad.problem} (set data.on_bad_record=skip to leave such "
+                                    f"records out)") from None
+                stats.skipped += 1
+                if len(stats.skip_reasons) < 5:
+                    stats.skip_reasons.append(str(bad))
+                continue
+            if fitted is not None:
+                builder.add(fitted[0], fitted[1], record)
+                stats.examples += 1
+                if len(builder) == CHUNK_ROWS:
+                    emit(builder.take())
+        pending.clear()
+
+    for parsed in _parsed_records(spec, stats):
+        pending.append(parsed)
+        if len(pending) == ENCODE_BATCH:
+            flush_batch()
+    flush_batch()
+    if len(builder):
+        emit(builder.take())
+    stats.format = stats.format or spec.format
+    if not stats.examples:
         detail = f" ({stats.skipped} bad records skipped, {stats.dropped_too_long} too long)" if stats.records else ""
         raise UserError(f"{spec.path}: source '{spec.name}' has no usable examples{detail}")
     if stats.skipped:
         log.warning("source %s: skipped %d bad records, e.g. %s", spec.name, stats.skipped, stats.skip_reasons[0])
-    return examples, stats
+    return stats.examples, stats
 
 
 def load_pool(sources: list[SourceConfig], encoder: ChatEncoder, data: DataConfig) -> SourcePool:
-    examples: list[TokenizedExample] = []
+    chunks: list[list[TokenChunk]] = []
     stats: list[SourceStats] = []
     for source_id, spec in enumerate(sources):
-        loaded, source_stats = load_source(spec, source_id, encoder, data)
-        examples.extend(loaded)
+        source_chunks, source_stats = _source_chunks(spec, encoder, data)
+        chunks.append(source_chunks)
         stats.append(source_stats)
         log.info("source %d %s: %d examples (%s, %d truncated, %d dropped, %d skipped)", source_id, spec.name,
                  source_stats.examples, source_stats.format, source_stats.truncated,
                  source_stats.dropped_too_long, source_stats.skipped)
-    return SourcePool([s.name for s in sources], examples, stats)
+    return SourcePool([s.name for s in sources], PoolExamples(chunks), stats)
 
 
 def read_conversations(spec: SourceConfig, on_bad_record: str = "error") -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,7 +35,7 @@ def evaluate_loss(model: nn.Module, pool: SourcePool, env: DistEnv, batch_size: 
     token-loss sum and supervised token count (its own token-mean loss is their ratio)."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(pool.examples)), key=lambda i: len(pool.examples[i].input_ids))
+    order = np.argsort(pool.lengths(), kind="stable").tolist()  # stable: ties keep pool order, as sorted()
     mine = order[env.rank::env.world_size]
     batches = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
     count = torch.tensor([len(batches)], device=env.device)
