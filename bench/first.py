@@ -1,7 +1,9 @@
 """FIRST, side by side in one run: cache size, teacher-pass throughput, distill vs sft vs online-KD step time, and
 the peak memory of the top-k loss vs a full-vocabulary implementation.
 
-Teacher: smollm2-135m-instruct (30 blocks); student: the teacher's blocks 0, 3, 6, … (`keep-layers`, every 3rd).
+Teacher: smollm2-135m-instruct (30 blocks), or `--model random-wide` (a random Llama, hidden 1024, 16 blocks, the
+test suite's small vocabulary — so that the blocks, not the embedding, carry the compute); student: the teacher's
+blocks 0, N, 2N, … (`keep-layers`, every `--student-every` = 2nd: half the blocks, as the evidence's students).
 
 1. bytes per response position of the cache (k = 5: uint16/int32 ids, fp16 log-probs, fp16 tail; files included),
    and of the same data in the authors' JSON-per-token format ({position: {token_id: prob}} per example, response
@@ -10,12 +12,15 @@ Teacher: smollm2-135m-instruct (30 blocks); student: the teacher's blocks 0, 3, 
    and the teacher pass with bf16-loaded weights (`model.load_dtype: bfloat16`) vs fp32: the throughput ratio, the
    share of positions whose top-k ids agree, and the largest difference of their cached log-probs (report only);
 3. distill step / sft step on the same student and batches;
-4. distill step / online full-vocabulary KD step (the live teacher's forward included);
+4. distill step / online full-vocabulary KD step (the live teacher's forward included), with the teacher's weights
+   in fp32 and loaded in bf16 (`model.load_dtype: bfloat16`, its forward under bf16 autocast), and the teacher's
+   compute per token over the student's (2 × parameters outside the embedding, each);
 5. peak memory of the loss's forward+backward from the same bf16 logits: top-k KL (other bucket on, chunked) vs
    the full-vocabulary log-softmax implementation — each in a child process: growth of the peak resident set
    (VmHWM, reset just before the loss) over the resident set with the inputs in place.
 
     python bench/first.py [--examples 16 --batch 4]
+    python bench/first.py --model random-wide
 """
 
 from __future__ import annotations
@@ -72,6 +77,32 @@ def memory_child(kind: str, args) -> dict:
     return {"kind": kind, "peak_growth_bytes": peak - baseline}
 
 
+def make_wide_model(root: Path) -> str:
+    """A random Llama whose blocks dominate its compute (hidden 1024, 16 blocks, a vocabulary of a few thousand)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    directory = root / "random-wide"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def block_parameters(model) -> int:
+    """Parameters outside the embedding and the LM head: what a token's forward multiplies by (× 2 FLOPs)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    untied_head = head is not None and head.weight is not embedding
+    return sum(p.numel() for p in model.parameters()) - embedding.numel() - (head.weight.numel() if untied_head else 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -79,6 +110,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--words", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--student-every", type=int, default=2, help="the student keeps every N-th teacher block")
     parser.add_argument("--memory-tokens", type=int, default=256)
     parser.add_argument("--memory-vocab", type=int, default=49152)
     parser.add_argument("--memory", choices=["topk", "full"], help=argparse.SUPPRESS)
@@ -107,6 +139,8 @@ def main() -> None:
     report = {"model": args.model}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.model == "random-wide":
+            args.model = make_wide_model(root)
         data = write_data(root, args.examples, args.words, 0)
         cache_dir = root / "cache"
         teacher_recipe.run(validate_config(TeacherConfig, {
@@ -168,12 +202,13 @@ def main() -> None:
                                        "positions_with_same_topk_ids": round(same / positions_seen, 4),
                                        "max_abs_logprob_difference": round(max_difference, 4)}
 
-        keep = every_nth(len(find_decoder_layers(teacher)), 3)
+        keep = every_nth(len(find_decoder_layers(teacher)), args.student_every)
         student = keep_layers(teacher, keep).train()
         optimizer = build_adamw(student, TrainConfig(lr=1e-6))
         loss_config = validate_config(DistillLossConfig, {"teacher_transform": "prob_temperature", "temperature": 0.3})
         distill_fn = cached_loss_fn(cache, loss_config, "prob_temperature", 0.3)
         online_fn = online_loss_fn(teacher, 1.0)
+        online_bf16_fn = online_loss_fn(teacher_bf16, 1.0)
 
         def steps(fn):
             def run_all():
@@ -184,15 +219,20 @@ def main() -> None:
         sft_s = timed(steps(example_loss_sums), args.repeats)
         distill_s = timed(steps(distill_fn), args.repeats)
         online_s = timed(steps(online_fn), args.repeats)
+        online_bf16_s = timed(steps(online_bf16_fn), args.repeats)
         teacher_params = sum(p.numel() for p in teacher.parameters())
         student_params = sum(p.numel() for p in student.parameters())
         report["steps"] = {
             "student_blocks": keep, "teacher_over_student_parameters": round(teacher_params / student_params, 2),
             "teacher_over_student_blocks": round(len(find_decoder_layers(teacher)) / len(keep), 2),
+            "teacher_over_student_block_compute": round(block_parameters(teacher) / block_parameters(student), 2),
             "sft_s": round(sft_s / len(batches), 3), "distill_s": round(distill_s / len(batches), 3),
             "online_kd_s": round(online_s / len(batches), 3),
+            "online_kd_bf16_teacher_s": round(online_bf16_s / len(batches), 3),
             "distill_over_sft": round(distill_s / sft_s, 3), "target_distill_over_sft": "<= 1.1",
-            "distill_over_online_kd": round(distill_s / online_s, 3), "target_distill_over_online": "<= 0.5"}
+            "distill_over_online_kd": round(distill_s / online_s, 3),
+            "distill_over_online_kd_bf16_teacher": round(distill_s / online_bf16_s, 3),
+            "target_distill_over_online": "<= 0.5"}
 
     env_vars = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     memory = {}

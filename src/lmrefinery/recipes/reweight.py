@@ -29,6 +29,7 @@ from lmrefinery.scalebio import SETTLED_SNR, ScaleBiO, gradient_signal_to_noise,
 from lmrefinery.train.distributed import all_reduce_sum
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import example_loss_sums
+from lmrefinery.train.optim import schedule_multiplier
 from lmrefinery.train.run_dir import read_metrics
 from lmrefinery.train.save import save_hf_model, save_lora
 
@@ -190,7 +191,9 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
     names = pool.names
     weights = dict(zip(names, core.weights.tolist()))
     hyper = config.scalebio
-    movement_bound = 0.5 * hyper.lr_weights * steps
+    # Adam moves each logit by at most about lr per step: the bound is the sum of λ's learning rates over the run
+    multiplier = schedule_multiplier(config.train, steps)
+    movement_bound = hyper.lr_weights * sum(multiplier(step) for step in range(steps))
     atomic_write_json(output_dir / "weights.json", {
         "weights": weights,
         "logits": dict(zip(names, core.logits.detach().cpu().tolist())),
@@ -231,8 +234,8 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
         + ", ".join(f"{n} {v:.2f}" for n, v in signal["snr"].items())
         + (". Settled." if signal["settled"] else ". **Not settled**: no source is pushed consistently; see the "
            "warning in the log."), "",
-        f"With Adam on λ each logit moves about lr_λ per step at most, so over these {steps} steps under a cosine "
-        f"schedule no logit can have moved more than ≈ {movement_bound:.3g} from 0 "
+        f"With Adam on λ each logit moves about lr_λ per step at most, so over these {steps} steps under the "
+        f"{config.train.schedule} schedule no logit can have moved more than ≈ {movement_bound:.3g} from 0 "
         f"(a weight ratio of at most ≈ e^{2 * movement_bound:.3g} between two sources).", "",
         "## Trajectories", "", "![weights](plots/weights.png)", "", "![losses](plots/losses.png)", "",
         f"Final: validation loss of w {last.get('val_loss_upper', float('nan')):.4f}, weighted training loss "
