@@ -122,3 +122,13 @@ def test_the_old_command_name_still_runs_with_a_one_line_notice(tmp_path, capsys
     notice = [line for line in capsys.readouterr().err.splitlines() if "calibration-report" in line]
     assert len(notice) == 1 and "'calibration' is now 'calibration-report'" in notice[0]
     assert (tmp_path / "r" / "calibration.json").exists()
+
+
+def test_the_module_spelling_of_a_command_runs_it_silently(tmp_path, capsys):
+    """`calibration_report` (underscores, the module's name) is the same command as `calibration-report`, no notice."""
+    path = tmp_path / "samples_t_2026-01-01T00-00-00.000.jsonl"
+    path.write_text(json.dumps(_sample([-1.0, -2.0], [" A", " B"], 0, acc=1.0)) + "\n")
+    assert run_cli("calibration_report", str(path), f"output_dir={tmp_path / 'u'}") == 0
+    assert run_cli("calibration-report", str(path), f"output_dir={tmp_path / 'd'}") == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if "is now" in line]
+    assert (tmp_path / "u" / "calibration.json").read_text() == (tmp_path / "d" / "calibration.json").read_text()

@@ -125,10 +125,13 @@ def _resume_auto(argv: list[str]) -> list[str]:
 
 
 def _renamed(argv: list[str]) -> list[str]:
-    """A command written under its old name runs under the new one, after a one-line notice."""
+    """A command written under its old name runs under the new one, after a one-line notice; one written with
+    underscores for its dashes (`calibration_report`, the module's spelling) runs silently, as pip accepts either."""
     for position, word in enumerate(argv):
         if word.startswith("-"):
             continue
+        if word.replace("_", "-") in COMMANDS:
+            return argv[:position] + [word.replace("_", "-")] + argv[position + 1:]
         if word in RENAMED_COMMANDS:
             print(f"lmrefinery: '{word}' is now '{RENAMED_COMMANDS[word]}'; the old name will be removed in the next "
                   f"release", file=sys.stderr)
