@@ -15,6 +15,8 @@ it: 6 × non-embedding parameters × tokens per second / peak (attention's own F
 Shapes: `--shape mcq` (multiple-choice-like: a question and a two-word reply) and `--shape chat` (the evidence's
 reasoning-gym families and KJV passages, as `compare` builds them).
 
+`--packing` adds lmrefinery with `train.packing: true` (examples several to a row, exact; docs/sft.md#packing).
+
 `--levers` also measures lmrefinery with its speed levers switched off and on one at a time: the LM head applied at
 every position (`full-logits`, how it was before) vs only where a label exists (`head-at-labels`), and fp32 vs bf16
 autocast.
@@ -116,7 +118,7 @@ def lmrefinery_step_times(model_dir: Path, data: Path, root: Path, args, round_i
     from lmrefinery.train import losses
     from lmrefinery.train.run_dir import read_metrics
 
-    precision, head = variant.split("/")
+    precision, head, *packed = variant.split("/")
     original = losses.response_logits
     if head == "full-logits":
         losses.response_logits = _full_logits
@@ -126,7 +128,7 @@ def lmrefinery_step_times(model_dir: Path, data: Path, root: Path, args, round_i
         "data": {"sources": [{"name": "data", "path": str(data)}], "max_length": args.max_length},
         "sampling": {"strategy": "proportional"}, "save_model": False,
         "train": {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.batch, "lr": 1e-5,
-                  "warmup_steps": 0, "checkpoint_every": 10 ** 6, "keep_last": 1}})
+                  "warmup_steps": 0, "checkpoint_every": 10 ** 6, "keep_last": 1, "packing": packed == ["packed"]}})
     try:
         sft.run(config)
     finally:
@@ -244,6 +246,8 @@ def main() -> None:
     parser.add_argument("--reply-words", type=int, default=None, help="words per reply (default: --words)")
     parser.add_argument("--trl", action="store_true", help="also TRL's SFTTrainer (pip install -e .[bench])")
     parser.add_argument("--levers", action="store_true", help="also lmrefinery without / with each speed lever")
+    parser.add_argument("--packing", action="store_true",
+                        help="also lmrefinery with train.packing (several examples to a row; docs/sft.md#packing)")
     args = parser.parse_args()
     if args.shape == "mcq":
         args.reply_words = 2
@@ -257,6 +261,7 @@ def main() -> None:
                          "chat" if args.shape == "chat" else "words")
         variants = (["fp32/full-logits", "fp32/head-at-labels", "bf16/full-logits", "bf16/head-at-labels"]
                     if args.levers else [f"{args.precision}/head-at-labels"])
+        variants += [f"{args.precision}/head-at-labels/packed"] if args.packing else []
         ours = {variant: [] for variant in variants}
         theirs: dict[str, list[float]] = {"hf_trainer": [], **({"trl_sft_trainer": []} if args.trl else {})}
         for round_index in range(args.rounds):

@@ -96,6 +96,8 @@ class TeacherConfig(RunConfig, ResumableConfig):
     batch_size: int = Field(8, ge=1, description="Examples per teacher forward pass.")
     shard_size: int = Field(256, ge=1, description="Examples per cache shard (the unit of resume).")
     logprob_dtype: Literal["float16", "float32"] = Field("float16", description="Stored log-probability dtype.")
+    packing: bool = Field(False, description="Pack each forward's examples several to a row (exact; "
+                                             "docs/sft.md#packing); the cache is the same either way.")
 
 
 class CalibrateConfig(CalibrationSettings):
@@ -174,6 +176,8 @@ class _EvaluateCommon(RunConfig):
 class LossEvaluateConfig(_EvaluateCommon, CalibrationBinsConfig):
     task: Literal["loss"] = Field("loss", description="Token-mean loss, perplexity, next-token calibration.")
     data: DataConfig = Field(description="The sources to score, tokenised as in training.")
+    packing: bool = Field(False, description="Pack each forward's examples several to a row (exact; "
+                                             "docs/sft.md#packing).")
 
 
 class MCQEvaluateConfig(_EvaluateCommon, CalibrationBinsConfig):

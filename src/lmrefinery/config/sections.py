@@ -162,6 +162,10 @@ class TrainConfig(ScheduleConfig, OptimizerConfig):
 
     keep_best: bool = Field(False, description="With validation: checkpoint at every new best validation loss, keep "
                                                "that checkpoint, and save its weights as the final model.")
+    packing: bool = Field(False, description="Pack each micro-batch's examples several to a row (position ids "
+                                             "restart per example, attention stays within it) so less padding is "
+                                             "computed; exact, checked on the model's first packed batch "
+                                             "(docs/sft.md#packing). Also applies to validation.")
 
 
 class LISAConfig(StrictModel):

@@ -22,8 +22,8 @@ def teacher_topk(model, batch: Batch, k: int, precision: str, stats: Concentrati
     token is supervised). `stats` collects the cumulative top-1..10 mass of every position."""
     response = batch.labels[:, 1:] != IGNORE_INDEX
     with autocast(precision, batch.input_ids.device):
-        selected = logits_at(model, F.pad(response, (0, 1), value=False), input_ids=batch.input_ids,
-                             attention_mask=batch.attention_mask)
+        selected = logits_at(model, batch.hidden_positions(F.pad(response, (0, 1), value=False)),
+                             **batch.model_inputs())
     keep = max(k, len(STAT_KS))
     ids, logprobs, tails = [], [], []
     for start in range(0, selected.shape[0], POSITION_CHUNK):

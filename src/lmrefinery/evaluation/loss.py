@@ -19,6 +19,7 @@ from lmrefinery.data.sources import SourcePool
 from lmrefinery.evaluation.calibration import bin_indices
 from lmrefinery.train.distributed import DistEnv, all_reduce_sum
 from lmrefinery.train.losses import ResponseLogits, cross_entropy_sums, response_logits
+from lmrefinery.train.packing_check import check_packing_exact
 
 
 def _summary(loss_sum: float, tokens: int, examples: int) -> dict:
@@ -29,7 +30,7 @@ def _summary(loss_sum: float, tokens: int, examples: int) -> dict:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, pool: SourcePool, env: DistEnv, batch_size: int, precision: str,
-                  pad_id: int, progress=None, n_bins: int = 10) -> dict:
+                  pad_id: int, progress=None, n_bins: int = 10, pack_rows: bool = False) -> dict:
     """Each rank scores a strided slice of the length-sorted pool; sums are all-reduced, so results do not depend
     on the number of processes (up to float summation order). `per_example` lists, in pool order, each example's
     token-loss sum and supervised token count (its own token-mean loss is their ratio)."""
@@ -49,7 +50,9 @@ def evaluate_loss(model: nn.Module, pool: SourcePool, env: DistEnv, batch_size: 
     token_calibration = TokenCalibration(n_bins, env.device)
     for index in range(int(count.item())):
         real = index < len(batches)
-        batch = collate([pool.examples[i] for i in (batches[index] if real else order[:1])], pad_id).to(env.device)
+        batch = collate([pool.examples[i] for i in (batches[index] if real else order[:1])], pad_id,
+                        pack_rows=pack_rows).to(env.device)
+        check_packing_exact(model, batch)
         response = response_logits(model, batch, precision)
         sums, tokens = cross_entropy_sums(response)
         if real:

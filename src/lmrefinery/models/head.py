@@ -16,15 +16,15 @@ from torch import nn
 
 
 def logits_at(model: nn.Module, positions: torch.Tensor, **inputs) -> torch.Tensor:
-    """The model's logits at `positions` (bool [B, T]), in row-major order: [P, V]."""
+    """The model's logits at `positions`: a bool mask [B, T] (row-major order), or indices into the flattened
+    [B·T] positions (in their order; packed rows, data/packing.py): [P, V]."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         logits = model(**inputs, use_cache=False).logits
-        return logits[positions.to(logits.device)]
+        return _select(logits, positions)
 
     def select(module, args):
-        hidden = args[0]
-        return (hidden[positions.to(hidden.device)].unsqueeze(0),) + tuple(args[1:])
+        return (_select(args[0], positions).unsqueeze(0),) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(select)
     try:
@@ -32,3 +32,10 @@ def logits_at(model: nn.Module, positions: torch.Tensor, **inputs) -> torch.Tens
     finally:
         handle.remove()
     return logits.reshape(-1, logits.shape[-1])
+
+
+def _select(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    positions = positions.to(states.device)
+    if positions.dtype == torch.bool:
+        return states[positions]
+    return states.reshape(-1, states.shape[-1])[positions]

@@ -94,10 +94,11 @@ def make_lisa(model, optimizer, settings: LISAConfig, seed: int) -> LISA:
         raise UserError(f"lisa: {exc}") from None
 
 
-def validation_fn(model, pool: SourcePool, env: DistEnv, batch_size: int, precision: str, pad_id: int):
+def validation_fn(model, pool: SourcePool, env: DistEnv, batch_size: int, precision: str, pad_id: int,
+                  pack_rows: bool = False):
     """step → the held-out loss, overall and per source (the loop logs it as a 'validation' event)."""
     def validate(step: int) -> dict:
-        result = evaluate_loss(model, pool, env, batch_size, precision, pad_id)
+        result = evaluate_loss(model, pool, env, batch_size, precision, pad_id, pack_rows=pack_rows)
         return {"val_loss": result["overall"]["loss"],
                 "val_per_source": {name: value["loss"] for name, value in result["per_source"].items()}}
     return validate
@@ -148,13 +149,13 @@ def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model
         stateful={"scheduler": scheduler, "sampler": sampler}, layer_samplers=layer_samplers,
         start_record={"sources": pool.names, "source_sizes": pool.sizes, "data_stats": [vars(s) for s in pool.stats],
                       "accumulation": accumulation, **(start_metrics or {})},
-        validate=(validation_fn(model, validation_pool, env, validation.batch_size, precision, tokenizer.pad_token_id)
-                  if validation_pool is not None else None),
+        validate=(validation_fn(model, validation_pool, env, validation.batch_size, precision, tokenizer.pad_token_id,
+                                train.packing) if validation_pool is not None else None),
         validate_every=validation.every if validation is not None else None, trackers=trackers)
     step_fn = supervised_step_fn(model, optimizer, scheduler, sampler, pool, env,
                                  micro_batch_size=train.micro_batch_size, precision=precision,
                                  max_grad_norm=train.max_grad_norm, pad_id=tokenizer.pad_token_id,
-                                 loss_sums_fn=loss_sums_fn, normalize_by=normalize_by)
+                                 loss_sums_fn=loss_sums_fn, normalize_by=normalize_by, pack_rows=train.packing)
     run_loop(loop, step_fn, resume)
 
     best = loop.best

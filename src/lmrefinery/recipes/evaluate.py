@@ -35,7 +35,7 @@ def _loss(config: LossEvaluateConfig, env, output_dir: Path) -> dict:
     batches = -(-len(pool.examples) // (config.batch_size * env.world_size))
     progress = progress_bar(env, batches, "evaluate")
     result = evaluate_loss(model, pool, env, config.batch_size, config.model.precision, tokenizer.pad_token_id,
-                           progress, config.n_bins)
+                           progress, config.n_bins, pack_rows=config.packing)
     progress.close()
     per_example = result.pop("per_example")
     if env.is_main:

@@ -23,6 +23,7 @@ from lmrefinery.models import load_model
 from lmrefinery.recipes.common import load_data
 from lmrefinery.train.rng import seed_everything
 from lmrefinery.train.distributed import barrier, progress_bar, setup_distributed
+from lmrefinery.train.packing_check import check_packing_exact
 from lmrefinery.train.run_dir import lock_run_dir
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ def run(config: TeacherConfig, resume: bool | str = False) -> Path:
         ids, logprobs, tails, counts = [], [], [], [0]
         for start in range(0, len(members), config.batch_size):
             chunk = members[start: start + config.batch_size]
-            batch = collate([pool.examples[i] for i in chunk], tokenizer.pad_token_id).to(input_device)
+            batch = collate([pool.examples[i] for i in chunk], tokenizer.pad_token_id,
+                            pack_rows=config.packing).to(input_device)
+            check_packing_exact(model, batch)
             for example_ids, example_logprobs, example_tail in zip(*teacher_topk(model, batch, config.k,
                                                                                  config.model.precision, stats)):
                 ids.append(example_ids.to(id_dtype).cpu())

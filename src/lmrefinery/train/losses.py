@@ -48,7 +48,7 @@ def response_logits(model: nn.Module, batch: Batch, precision: str) -> ResponseL
     mask = targets != IGNORE_INDEX
     positions = F.pad(mask, (0, 1), value=False)  # position t predicts token t + 1
     with autocast(precision, batch.input_ids.device):
-        logits = logits_at(model, positions, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        logits = logits_at(model, batch.hidden_positions(positions), **batch.model_inputs())
     return ResponseLogits(logits, targets.to(logits.device)[mask.to(targets.device)], mask.to(logits.device))
 
 
@@ -74,14 +74,16 @@ def label_smoothed_loss_sums(label_smoothing: float) -> "LossSumsFn":
     return loss_sums
 
 
-def global_token_counts(micro_batches: list[Batch], env: DistEnv, device: torch.device) -> tuple[int, int, int]:
-    """(supervised tokens, input tokens without padding, examples) over the global batch."""
+def global_token_counts(micro_batches: list[Batch], env: DistEnv, device: torch.device) -> tuple[int, int, int, int]:
+    """(supervised tokens, input tokens without padding, examples, padding positions computed) over the global
+    batch."""
     local = torch.tensor([float(sum(b.supervised_tokens for b in micro_batches)),
                           float(sum(int(b.attention_mask.sum()) for b in micro_batches)),
-                          float(sum(b.input_ids.shape[0] for b in micro_batches))],
+                          float(sum(b.input_ids.shape[0] for b in micro_batches)),
+                          float(sum(b.padded_tokens for b in micro_batches))],
                          dtype=torch.float64, device=device)
-    supervised, inputs, examples = all_reduce_sum(local, env).tolist()
-    return int(supervised), int(inputs), int(examples)
+    supervised, inputs, examples, padded = all_reduce_sum(local, env).tolist()
+    return int(supervised), int(inputs), int(examples), int(padded)
 
 
 # (model, batch, precision) → per-example loss sums [B], supervised token counts [B] and, optionally, a third item:
@@ -94,6 +96,7 @@ class Accumulated(NamedTuple):
     supervised_tokens: int
     input_tokens: int
     stats: dict[str, float]  # diagnostics, per supervised token over the global batch
+    padded_tokens: int = 0   # padding positions the forwards computed
 
 
 @dataclass
@@ -103,6 +106,7 @@ class StepResult:
     supervised_tokens: int
     input_tokens: int
     stats: dict[str, float] = field(default_factory=dict)
+    padded_tokens: int = 0
 
 
 def _set_gradient_sync(model: nn.Module, enabled: bool) -> None:
@@ -125,7 +129,7 @@ def accumulate_token_mean_gradients(model: nn.Module, micro_batches: list[Batch]
     if normalize_by not in ("tokens", "examples"):
         raise ValueError(f"normalize_by must be 'tokens' or 'examples', got {normalize_by!r}")
     device = micro_batches[0].input_ids.device
-    total_tokens, input_tokens, examples = global_token_counts(micro_batches, env, device)
+    total_tokens, input_tokens, examples, padded_tokens = global_token_counts(micro_batches, env, device)
     normaliser = max(total_tokens if normalize_by == "tokens" else examples, 1)
     scale = gradient_sum_factor(env) / normaliser
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -139,7 +143,7 @@ def accumulate_token_mean_gradients(model: nn.Module, micro_batches: list[Batch]
             stat_sums[name] = stat_sums.get(name, 0.0) + value.detach().double().to(device)
     totals = all_reduce_sum(torch.stack([loss_sum, *stat_sums.values()]), env).tolist()
     stats = {name: value / max(total_tokens, 1) for name, value in zip(stat_sums, totals[1:])}
-    return Accumulated(totals[0] / normaliser, total_tokens, input_tokens, stats)
+    return Accumulated(totals[0] / normaliser, total_tokens, input_tokens, stats, padded_tokens)
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
@@ -158,8 +162,8 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[B
                    normalize_by: str = "tokens") -> StepResult:
     """One optimizer step; raises TrainingDiverged (before touching the weights) on a NaN/inf loss or gradient."""
     optimizer.zero_grad(set_to_none=True)
-    loss, tokens, input_tokens, stats = accumulate_token_mean_gradients(model, micro_batches, env, precision,
-                                                                        loss_sums_fn, normalize_by)
+    loss, tokens, input_tokens, stats, padded_tokens = accumulate_token_mean_gradients(
+        model, micro_batches, env, precision, loss_sums_fn, normalize_by)
     grad_norm = clip_gradients(model, max_grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -167,7 +171,7 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[B
     guarded_step(optimizer, step)
     if scheduler is not None:
         scheduler.step()
-    return StepResult(loss, grad_norm, tokens, input_tokens, stats)
+    return StepResult(loss, grad_norm, tokens, input_tokens, stats, padded_tokens)
 
 
 def guarded_step(optimizer: torch.optim.Optimizer, step: int) -> None:
