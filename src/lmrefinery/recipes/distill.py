@@ -23,6 +23,7 @@ from lmrefinery.models import find_decoder_layers, load_model, load_tokenizer
 from lmrefinery.models.loading import enable_activation_checkpointing
 from lmrefinery.recipes.common import begin_training_run, load_cache_with_data, train_supervised, trainable_model
 from lmrefinery.train.losses import response_logits
+from lmrefinery.train.packing_check import check_packing_exact
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def cached_loss_fn(cache, loss, transform: str, temperature: float):
 def online_loss_fn(teacher, temperature: float):
     def loss_sums(model, batch, precision):
         response = response_logits(model, batch, precision)
+        check_packing_exact(teacher, batch)  # the teacher may be another architecture than the student
         with torch.no_grad():
             teacher_logits = response_logits(teacher, batch, precision).logits
         return online_kd_sums(response, teacher_logits, temperature)
