@@ -117,3 +117,23 @@ def test_two_processes_match_one_with_packing(tmp_path, tiny_model_dir):
     config = sft_config(tmp_path, tiny_model_dir, steps=2, checkpoint_every=None, micro_batch_size=2, packing=True)
     single, double = run_one_and_two_processes(tmp_path, "sft", config)
     assert losses(double) == pytest.approx(losses(single), abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["cache", "online"])
+def test_distill_with_packing_gives_the_padded_losses(tmp_path, tiny_model_dir, mode):
+    """The student reads its cache rows (or the live teacher's logits) in example order whatever the row layout."""
+    skewed = str(write_jsonl(tmp_path / "skewed.jsonl", _skewed_records()))
+    cache = make_cache(tmp_path, tiny_model_dir, data={"sources": [{"name": "a", "path": skewed}],
+                                                       "max_length": 192})
+    runs = {}
+    for packing in (False, True):
+        config = {"output_dir": str(tmp_path / f"student-{packing}"), "cache": str(cache),
+                  "student": {"init": "keep-layers", "keep_layers": [1]},
+                  "loss": {"mode": mode, "teacher_transform": "prob_temperature", "temperature": 0.5},
+                  "train": {"steps": 2, "batch_size": 6, "micro_batch_size": 6, "lr": 1e-3, "warmup_steps": 0,
+                            "packing": packing}}
+        assert run_cli("distill", "--config", write_yaml(tmp_path / f"d-{packing}.yaml", config)) == 0
+        runs[packing] = read_metrics(tmp_path / f"student-{packing}" / "metrics.jsonl")
+    assert [m["loss"] for m in runs[True] if "loss" in m] == pytest.approx(
+        [m["loss"] for m in runs[False] if "loss" in m], abs=1e-5)
+    assert sum(m.get("padded_tokens", 0) for m in runs[True]) < sum(m.get("padded_tokens", 0) for m in runs[False])
