@@ -183,20 +183,53 @@ def test_gradient_clipping_is_in_the_same_units_for_u_and_w():
         assert float(core.upper_model.weight.grad.norm()) == pytest.approx(min(upper, 10.0 * max_norm), rel=1e-6)
 
 
-def test_gradient_signal_to_noise_is_the_one_sample_t_statistic_and_separates_push_from_noise():
+def test_gradient_signal_to_noise_is_the_t_statistic_of_block_means():
     from scipy import stats
 
-    from lmrefinery.scalebio import gradient_signal_to_noise, weights_settled
+    from lmrefinery.scalebio import gradient_signal_to_noise
 
     generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(25, 6, generator=generator, dtype=torch.float64)
-    expected = torch.tensor(abs(stats.ttest_1samp(noise.numpy(), 0.0).statistic))
-    torch.testing.assert_close(gradient_signal_to_noise(noise), expected)
-    # pure noise: rarely a consistent push anywhere; one source pushed at 1 sd per step: always
-    unsettled = [not weights_settled(gradient_signal_to_noise(torch.randn(25, 6, generator=generator)))
-                 for _ in range(50)]
-    assert sum(unsettled) >= 45
-    pushed = torch.randn(25, 6, generator=generator)
-    pushed[:, 2] += 1.0
-    assert weights_settled(gradient_signal_to_noise(pushed))
-    assert torch.isnan(gradient_signal_to_noise(torch.ones(1, 3))).all()
+    noise = torch.randn(53, 6, generator=generator, dtype=torch.float64)
+    # one step per block: the one-sample t statistic of the steps
+    plain = gradient_signal_to_noise(noise[:25], blocks=25)
+    torch.testing.assert_close(plain.snr, torch.tensor(abs(stats.ttest_1samp(noise[:25].numpy(), 0.0).statistic)))
+    assert plain.dof == 24
+    # 53 steps in 10 blocks of 5 (the oldest 3 dropped): the t statistic of the 10 block means
+    means = noise[3:].reshape(10, 5, 6).mean(dim=1).numpy()
+    batched = gradient_signal_to_noise(noise)
+    torch.testing.assert_close(batched.snr, torch.tensor(abs(stats.ttest_1samp(means, 0.0).statistic)))
+    torch.testing.assert_close(batched.mean, torch.tensor(means.mean(axis=0)))
+    assert batched.dof == 9
+    assert torch.isnan(gradient_signal_to_noise(torch.ones(1, 3)).snr).all()
+
+
+def _ar1(steps, sources, phi, generator):
+    shocks = torch.randn(steps, sources, generator=generator, dtype=torch.float64)
+    series = torch.zeros_like(shocks)
+    series[0] = shocks[0]
+    for t in range(1, steps):
+        series[t] = phi * series[t - 1] + shocks[t]
+    return series
+
+
+def test_settle_guard_needs_the_top_source_pushed_up_and_survives_serial_correlation():
+    from lmrefinery.scalebio import gradient_signal_to_noise, weights_settled
+
+    generator = torch.Generator().manual_seed(1)
+    top_first = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)
+    # pure noise, independent or strongly correlated (φ = 0.8) from step to step: rarely "settled" with block means,
+    # where the plain t statistic of the steps (one step per block) calls correlated noise a push far more often
+    for phi, most in ((0.0, 0.02), (0.8, 0.08)):
+        settled = [weights_settled(gradient_signal_to_noise(_ar1(50, 6, phi, generator)), top_first)
+                   for _ in range(200)]
+        assert sum(settled) <= most * 200, (phi, sum(settled))
+    correlated = [weights_settled(gradient_signal_to_noise(g, blocks=50), top_first)
+                  for g in (_ar1(50, 6, 0.8, generator) for _ in range(200))]
+    assert sum(correlated) >= 0.1 * 200
+    # the top source pushed up (negative λ-gradient, λ descends) at 1 sd per step: settled
+    pushed = torch.randn(50, 6, generator=generator, dtype=torch.float64)
+    pushed[:, 0] -= 1.0
+    assert weights_settled(gradient_signal_to_noise(pushed), top_first)
+    # the same push on a source that is not on top, or the top one pushed *down*: not settled
+    assert not weights_settled(gradient_signal_to_noise(pushed), top_first.flip(0))
+    assert not weights_settled(gradient_signal_to_noise(-pushed), top_first)

@@ -31,8 +31,10 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
+from scipy import stats
 from torch import nn
 
 from lmrefinery.errors import TrainingDiverged
@@ -59,25 +61,53 @@ def weight_gradient(weights: torch.Tensor, lower_means: torch.Tensor, upper_mean
     return alpha * weights * (delta - (weights * delta).sum())
 
 
-SETTLED_SNR = 3.0
+SIGNAL_LEVEL = 0.05  # family-wise false-alarm rate of the settle guard over the K sources (Bonferroni)
+SIGNAL_BLOCKS = 10   # batch means: the window's steps are averaged in up to this many consecutive blocks
 
 
-def gradient_signal_to_noise(gradients: torch.Tensor) -> torch.Tensor:
-    """Per source, |mean| / standard error of the λ-gradients of the last N steps ([N, K] → [K]).
+class GradientSignal(NamedTuple):
+    snr: torch.Tensor  # [K] |mean| / standard error of each source's λ-gradient
+    mean: torch.Tensor  # [K] the mean λ-gradient (negative: λ descends, so the source's weight is pushed up)
+    dof: int            # degrees of freedom of the standard error (blocks − 1)
 
-    A source pushed the same way step after step has a large value; a source whose gradient is batch noise stays
-    near |N(0, 1)| — below 2 or so. With fewer than 2 steps there is nothing to estimate (NaN)."""
+
+def gradient_signal_to_noise(gradients: torch.Tensor, blocks: int = SIGNAL_BLOCKS) -> GradientSignal:
+    """Per source, |mean| / standard error of the λ-gradients of the last N steps ([N, K]).
+
+    Successive λ-gradients are correlated (LISA keeps its blocks for several steps, Adam's moments and the weights
+    move slowly), so the standard error comes from batch means: the N steps cut into `blocks` consecutive blocks
+    (of N // blocks steps; the oldest remainder dropped), whose means are close to independent. With N ≤ blocks each
+    block is one step (the one-sample t statistic). A source pushed the same way step after step has a large value;
+    batch noise gives a t-distributed one. Fewer than 2 steps: nothing to estimate (NaN)."""
     gradients = gradients.double()
-    if gradients.shape[0] < 2:
-        return torch.full((gradients.shape[1],), float("nan"), dtype=torch.float64)
-    error = gradients.std(dim=0, unbiased=True) / math.sqrt(gradients.shape[0])
-    return gradients.mean(dim=0).abs() / error.clamp(min=1e-30)
+    steps, sources = gradients.shape
+    if steps < 2:
+        nan = torch.full((sources,), float("nan"), dtype=torch.float64)
+        return GradientSignal(nan, nan.clone(), 0)
+    length = max(1, steps // blocks)
+    count = steps // length
+    means = gradients[steps - count * length:].reshape(count, length, sources).mean(dim=1)
+    error = means.std(dim=0, unbiased=True) / math.sqrt(count)
+    mean = means.mean(dim=0)
+    return GradientSignal(mean.abs() / error.clamp(min=1e-30), mean, count - 1)
 
 
-def weights_settled(snr: torch.Tensor, threshold: float = SETTLED_SNR) -> bool:
-    """The weights carry a signal when at least one source's λ-gradient is consistent (SNR ≥ threshold): only then
-    does their ordering come from the data rather than from the order the batches happened to arrive in."""
-    return bool((snr >= threshold).any())
+def signal_threshold(sources: int, dof: int, level: float = SIGNAL_LEVEL) -> float:
+    """The t quantile a source's signal-to-noise must reach so that pure noise passes for any of `sources` with
+    probability ≤ `level` (two-sided, Bonferroni)."""
+    if dof < 1:
+        return float("nan")
+    return float(stats.t.ppf(1 - level / (2 * sources), dof))
+
+
+def weights_settled(signal: GradientSignal, weights: torch.Tensor, level: float = SIGNAL_LEVEL) -> bool:
+    """The weights carry a signal when the source that holds the most weight is pushed up consistently (its
+    λ-gradient negative, with a signal-to-noise above the K-corrected threshold): then its lead comes from the data.
+    Some other source being pushed consistently is not enough — one noise source driven steadily down says nothing
+    about whether the top of the ranking is more than the order the batches happened to arrive in."""
+    top = int(torch.argmax(weights))
+    threshold = signal_threshold(len(weights), signal.dof, level)
+    return bool(signal.mean[top] < 0 and signal.snr[top] >= threshold)
 
 
 class ScaleBiO:

@@ -25,7 +25,8 @@ from lmrefinery.models.lora import AdapterView
 from lmrefinery.plots import line_plot
 from lmrefinery.recipes.common import (accumulation_steps, begin_training_run, close_trackers, load_data, make_lisa,
                                        open_trackers, total_steps, trainable_model)
-from lmrefinery.scalebio import SETTLED_SNR, ScaleBiO, gradient_signal_to_noise, weights_settled
+from lmrefinery.scalebio import (SIGNAL_LEVEL, ScaleBiO, gradient_signal_to_noise, signal_threshold,
+                                 weights_settled)
 from lmrefinery.train.distributed import all_reduce_sum
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import example_loss_sums
@@ -160,25 +161,31 @@ def run(config: ReweightConfig, resume: bool | str = False) -> Path:
     return output_dir
 
 
-def lambda_gradient_signal(rows: list[dict], names: list[str]) -> dict:
-    """Per source, the signal-to-noise of its λ-gradient over the last quarter of the steps (at least 2): whether the
-    weights are pushed consistently or only by batch noise (scalebio.gradient_signal_to_noise)."""
+def lambda_gradient_signal(rows: list[dict], names: list[str], weights: list[float]) -> dict:
+    """Per source, the signal-to-noise of its λ-gradient over the last quarter of the steps (at least 2), and whether
+    the top-weighted source's lead is backed by a consistent push (scalebio.weights_settled)."""
     logged = [row["weight_gradient"] for row in rows if "weight_gradient" in row]
     window = logged[-max(2, len(logged) // 4):]
-    snr = gradient_signal_to_noise(torch.tensor([[row[n] for n in names] for row in window], dtype=torch.float64)
-                                   if window else torch.zeros((0, len(names))))
-    return {"window_steps": len(window), "snr": dict(zip(names, snr.tolist())),
-            "settled": weights_settled(snr), "threshold": SETTLED_SNR}
+    signal = gradient_signal_to_noise(torch.tensor([[row[n] for n in names] for row in window], dtype=torch.float64)
+                                      if window else torch.zeros((0, len(names))))
+    weights_tensor = torch.tensor(weights, dtype=torch.float64)
+    top = names[int(torch.argmax(weights_tensor))]
+    return {"window_steps": len(window), "blocks": signal.dof + 1, "snr": dict(zip(names, signal.snr.tolist())),
+            "mean_gradient": dict(zip(names, signal.mean.tolist())), "top_source": top,
+            "settled": weights_settled(signal, weights_tensor), "level": SIGNAL_LEVEL,
+            "threshold": signal_threshold(len(names), signal.dof)}
 
 
 def warn_if_unsettled(signal: dict) -> bool:
     if signal["settled"]:
         return False
-    log.warning("the weights have not settled: over the last %d steps no source's λ-gradient is consistent "
-                "(largest signal-to-noise %.2f, below %g), so their order reflects batch noise more than the data. "
-                "Try more steps (train.steps), train.sampling=stratified (every source in every batch) or a larger "
-                "train.batch_size.", signal["window_steps"],
-                max((v for v in signal["snr"].values() if v == v), default=float("nan")), signal["threshold"])
+    top = signal["top_source"]
+    log.warning("the weights have not settled: over the last %d steps the top-weighted source %s is not pushed up "
+                "consistently (λ-gradient signal-to-noise %.2f, threshold %.2f for %d sources at family-wise level "
+                "%g), so the ranking's top reflects batch noise more than the data. Try more steps (train.steps), "
+                "train.sampling=stratified (every source in every batch) or a larger train.batch_size.",
+                signal["window_steps"], top, signal["snr"][top], signal["threshold"], len(signal["snr"]),
+                signal["level"])
     return True
 
 
@@ -186,7 +193,7 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
                   diverged: str | None = None) -> dict:
     """`diverged`: the run stopped on non-finite values; the weights written are the last good ones (after `steps`)."""
     rows = [m for m in read_metrics(output_dir / "metrics.jsonl") if "weights" in m and "event" not in m]
-    signal = lambda_gradient_signal(rows, pool.names)
+    signal = lambda_gradient_signal(rows, pool.names, core.weights.tolist())
     start = read_metrics(output_dir / "metrics.jsonl")[0]
     names = pool.names
     weights = dict(zip(names, core.weights.tolist()))
@@ -229,11 +236,13 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
         f"α = {hyper.alpha}, τ = {hyper.tau}, learning rates u/w/λ = {hyper.lr_lower}/{hyper.lr_upper}/"
         f"{hyper.lr_weights}, LISA {'on (' + str(config.lisa.layers) + ' layers)' if config.lisa.enabled else 'off'}.",
         "", "## Learned weights", "", *table, "",
-        f"λ-gradient signal-to-noise over the last {signal['window_steps']} steps (|mean| / standard error; ≥ "
-        f"{signal['threshold']:g} is a consistent push): "
+        f"λ-gradient signal-to-noise over the last {signal['window_steps']} steps (|mean| / standard error of "
+        f"{signal['blocks']} block means; ≥ {signal['threshold']:.2f} is a consistent push at family-wise level "
+        f"{signal['level']:g} over the sources): "
         + ", ".join(f"{n} {v:.2f}" for n, v in signal["snr"].items())
-        + (". Settled." if signal["settled"] else ". **Not settled**: no source is pushed consistently; see the "
-           "warning in the log."), "",
+        + (f". Settled: the top-weighted source ({signal['top_source']}) is pushed up consistently."
+           if signal["settled"] else f". **Not settled**: the top-weighted source ({signal['top_source']}) is not "
+           "pushed up consistently; see the warning in the log."), "",
         f"With Adam on λ each logit moves about lr_λ per step at most, so over these {steps} steps under the "
         f"{config.train.schedule} schedule no logit can have moved more than ≈ {movement_bound:.3g} from 0 "
         f"(a weight ratio of at most ≈ e^{2 * movement_bound:.3g} between two sources).", "",
