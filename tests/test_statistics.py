@@ -162,3 +162,20 @@ def test_first_against_temperature_scaling_is_a_claim_of_its_own(ece, accuracy, 
     assert len(found) == 1 and found[0]["held"] is expected
     assert found[0]["evidence"] == {"ece_difference": ece, "accuracy_difference": accuracy, "nll_difference": nll}
     assert not [c for c in claims(None, _distillation(ece, accuracy, ece)) if c["claim"] == "e"]
+
+
+@pytest.mark.parametrize("in_domain, out_of_domain, expected", [
+    # (Δ accuracy, Δ ECE) per test: the headline needs both better, on both tests
+    ((_interval(0.01, 0.05), _interval(-0.04, -0.01)), (_interval(0.002, 0.04), _interval(-0.05, -0.02)), True),
+    ((_interval(0.01, 0.05), _interval(-0.04, -0.01)), (_interval(-0.01, 0.04), _interval(-0.05, -0.02)), False),
+    ((_interval(0.01, 0.05), _interval(-0.04, 0.002)), (_interval(0.002, 0.04), _interval(-0.05, -0.02)), False),
+])
+def test_the_papers_headline_needs_accuracy_up_and_ece_down_on_every_test(in_domain, out_of_domain, expected):
+    distillation = _distillation(in_domain[1], in_domain[0], _interval(-0.1, -0.05))
+    distillation["tests"]["out_of_domain"] = {
+        "methods": {"first": {"difference": {"ece": out_of_domain[1], "accuracy": out_of_domain[0]}}},
+        "teacher_recalibration": {"difference": _interval(-0.1, -0.05)}}
+    (headline,) = [c for c in claims(None, distillation) if c["claim"] == "h"]
+    assert headline["held"] is expected
+    assert headline["evidence"]["out_of_domain"] == {"accuracy_difference": out_of_domain[0],
+                                                     "ece_difference": out_of_domain[1]}

@@ -202,6 +202,9 @@ def _claims_section(found: list[dict]) -> list[str]:
                       f"{_delta(evidence['accuracy_difference'], '+.3f')}"
                       + (f", Δ NLL {_delta(evidence['nll_difference'], '+.3f')}" if "nll_difference" in evidence
                          else ""))
+        elif claim["claim"] == "h":
+            detail = "; ".join(f"{test.replace('_', '-')}: Δ accuracy {_delta(row['accuracy_difference'], '+.3f')}, "
+                               f"Δ ECE {_delta(row['ece_difference'])}" for test, row in evidence.items())
         elif claim["claim"] == "a′":
             detail = "Spearman ρ of weight and corruption rate per seed: " + "; ".join(
                 f"{seed}: " + ", ".join(f"{kind} {rho:+.3f}" for kind, rho in row.items())

@@ -201,6 +201,16 @@ def claims(mixture: dict | None, distillation: dict | None) -> list[dict]:
                           "text": f"the teacher's ECE falls after re-calibration (held-out {test.replace('_', '-')} "
                                   f"answer positions; CI of the change below 0)",
                           "held": difference["high"] < 0, "evidence": difference})
+        headline = {test: section["methods"]["first"]["difference"] for test, section in distillation["tests"].items()
+                    if "difference" in section["methods"].get("first", {})}
+        if headline:
+            found.append({"claim": "h", "text": f"the paper's headline: FIRST's student is more accurate *and* better "
+                                                f"calibrated than the {distillation['reference']} student on every "
+                                                f"test ({', '.join(t.replace('_', '-') for t in headline)}; accuracy "
+                                                f"CI above 0, ECE CI below 0)",
+                          "held": all(d["accuracy"]["low"] > 0 and d["ece"]["high"] < 0 for d in headline.values()),
+                          "evidence": {test: {"accuracy_difference": d["accuracy"], "ece_difference": d["ece"]}
+                                       for test, d in headline.items()}})
         for test, section in distillation["tests"].items():
             versus = section.get("first_vs_temperature_scaling")
             if versus is None:
