@@ -14,6 +14,7 @@
     python bench/data_scale.py --baseline 11a89f3                 # 1M pool, 1M examples, the tiny test tokenizer
     python bench/data_scale.py --examples 10000000 --pool 10000000  # 10M (the old pool would need ~77 GB)
     python bench/data_scale.py --tokenizer smollm2-135m-instruct --examples 100000
+    python bench/data_scale.py --examples 200000 --pool 1000000 --num-proc 2   # also tokenising in 2 workers
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def load_child(args) -> dict:
     from lmrefinery.data.tokenize import ChatEncoder
 
     encoder = ChatEncoder(_tokenizer(args.tokenizer))
-    data = DataConfig(sources=[SourceConfig(name="big", path=args.source)], max_length=256)
+    data = DataConfig(sources=[SourceConfig(name="big", path=args.source)], max_length=256,
+                      **({"num_proc": args.num_proc} if args.num_proc > 1 else {}))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     examples, _ = load_source(data.sources[0], 0, encoder, data)
@@ -121,7 +123,9 @@ def load_child(args) -> dict:
             "tokens": tokens, "first_batch_ms": round(1000 * draws[0], 1),
             "median_batch_ms": round(1000 * statistics.median(draws[1:]), 2),
             "median_collate_ms": round(1000 * statistics.median(collations[1:]), 2),
-            "peak_rss_mb": round(peak / 1024, 1), "rss_growth_mb": round((peak - before) / 1024, 1)}
+            "peak_rss_mb": round(peak / 1024, 1), "rss_growth_mb": round((peak - before) / 1024, 1),
+            # with num_proc > 1: the largest tokenising worker's own peak (each worker holds one encoder and a batch)
+            "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
 def _baseline_checkout(revision: str, directory: Path) -> Path:
@@ -139,20 +143,23 @@ def pool_benchmark(args, tmp: Path, code: dict[str, Path]) -> dict:
     write_source(source, args.examples)
     report = {"examples": args.examples, "tokenizer": args.tokenizer,
               "source_mb": round(source.stat().st_size / 2**20, 1)}
-    for name, src in code.items():
+    variants = [(name, src, 1) for name, src in code.items()]
+    if args.num_proc > 1:  # this checkout again, tokenising in worker processes (the baseline has no such option)
+        variants.insert(1, (f"this-num_proc-{args.num_proc}", code["this"], args.num_proc))
+    for name, src, processes in variants:
         env = dict(os.environ, LMREFINERY_CACHE=str(tmp / f"cache-{name}"), HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         runs = {}
         for load in ("first", "cached"):
             command = [sys.executable, __file__, "--load-child", "--code-root", str(src), "--source", str(source),
-                       "--tokenizer", args.tokenizer, "--batch", str(args.batch)]
+                       "--tokenizer", args.tokenizer, "--batch", str(args.batch), "--num-proc", str(processes)]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 runs[load] = {"failed": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
                 continue
             runs[load] = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
         report[name] = runs
-    tokens = {run["tokens"] for name in code for run in report[name].values() if "tokens" in run}
+    tokens = {run["tokens"] for name, _, _ in variants for run in report[name].values() if "tokens" in run}
     assert len(tokens) <= 1, f"the versions' pools differ: token counts {tokens}"
     return report
 
@@ -165,6 +172,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1_000_000)
     parser.add_argument("--tokenizer", default="tiny", help="'tiny' (the test suite's BPE) or a model name/alias")
     parser.add_argument("--baseline", help="a git revision whose data code is measured beside this checkout's")
+    parser.add_argument("--num-proc", type=int, default=1,
+                        help="also load with data.num_proc = N (tokenising in N worker processes)")
     parser.add_argument("--code-root", help=argparse.SUPPRESS)  # the checkout a child process imports
     parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)

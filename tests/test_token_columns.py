@@ -12,6 +12,7 @@ from lmrefinery.data.formats import Conversation, Message, PlainText, parse_reco
 from lmrefinery.data.sampling import MixtureSampler
 from lmrefinery.data.sources import load_pool
 from lmrefinery.data.tokenize import IGNORE_INDEX, ChatEncoder
+from lmrefinery.errors import UserError
 from tests.tiny import tiny_tokenizer
 
 
@@ -126,3 +127,19 @@ def test_samplers_draw_and_resume_over_the_column_pool_as_over_index_lists(tmp_p
     resumed = MixtureSampler.build(settings, pool.names, pool.source_indices(), 6, seed=4)
     resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
     assert [resumed.next_batch() for _ in range(17)] == drawn[13:]
+
+
+def test_tokenising_in_worker_processes_gives_the_same_pool(tmp_path, monkeypatch, tokenizer):
+    """data.num_proc = 2: batches encoded in spawned workers, several in flight, come back in order — the same
+    examples, record numbers, skips and stats as encoding here."""
+    monkeypatch.setattr(sources_module, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(sources_module, "ENCODE_BATCH", 2)  # many batches in flight at once
+    specs = _write_sources(tmp_path)
+    encoder = ChatEncoder(tokenizer)
+    here = load_pool(specs, encoder, DataConfig(sources=specs, max_length=64, on_bad_record="skip", cache=False))
+    workers = load_pool(specs, encoder, DataConfig(sources=specs, max_length=64, on_bad_record="skip", cache=False,
+                                                   num_proc=2))
+    assert _rows(workers.examples) == _rows(here.examples) == _reference(specs, encoder, 64)
+    assert [vars(s) for s in workers.stats] == [vars(s) for s in here.stats]
+    with pytest.raises(UserError, match="line"):  # the first bad record stops the load, workers and all
+        load_pool(specs, encoder, DataConfig(sources=specs, max_length=64, cache=False, num_proc=2))

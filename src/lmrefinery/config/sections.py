@@ -115,6 +115,9 @@ class DataConfig(ConversationSourcesConfig):
     cache: bool = Field(True, description="Keep each local source's tokenised examples on disk (datasets/Arrow, under "
                                           "$LMREFINERY_CACHE/pools) and reuse them while files, tokenizer and these "
                                           "settings are unchanged.")
+    num_proc: int = Field(1, ge=1, description="Processes that tokenise each source (records are still read and "
+                                               "checked in order here); worth it from ~100k examples. The result "
+                                               "is the same for any value.")
 
 
 class SamplingConfig(StrictModel):

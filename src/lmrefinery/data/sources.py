@@ -7,11 +7,13 @@ was tokenised before, else built chunk by chunk while tokenising (and written to
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from lmrefinery.config import DataConfig, SourceConfig
 from lmrefinery.data.files import BadRecord, read_records
 from lmrefinery.data.formats import Conversation, detect_format, parse_record
+from lmrefinery.data.parallel_encode import encoded_batches
 from lmrefinery.data.pool_cache import CacheWriter, load_cached, source_key
 from lmrefinery.data.token_columns import ChunkBuilder, PoolExamples, TokenChunk, TokenizedExample
 from lmrefinery.data.tokenize import IGNORE_INDEX, ChatEncoder
@@ -136,16 +138,34 @@ def _parsed_records(spec: SourceConfig, stats: SourceStats):
             yield stats.records - 1, item.location, bad
 
 
+def _pending_batches(spec: SourceConfig, stats: SourceStats):
+    """The source's parsed records in batches of ENCODE_BATCH (bad ones included, in their places)."""
+    pending: list = []
+    for parsed in _parsed_records(spec, stats):
+        pending.append(parsed)
+        if len(pending) == ENCODE_BATCH:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
 def _tokenise_source(spec: SourceConfig, encoder: ChatEncoder, data: DataConfig, emit) -> tuple[int, SourceStats]:
-    """Read, parse and tokenise the source in batches (`ChatEncoder.encode_many`); every CHUNK_ROWS examples go to
-    `emit` as one chunk. Bad records are handled in record order, as one at a time would be."""
+    """Read, parse and tokenise the source in batches (`ChatEncoder.encode_many`, in `data.num_proc` worker
+    processes when > 1: data/parallel_encode.py); every CHUNK_ROWS examples go to `emit` as one chunk. Bad records
+    are handled in record order, as one at a time would be."""
     stats = SourceStats(spec.name, spec.path, format="" if spec.format == "auto" else spec.format)
     builder = ChunkBuilder()
-    pending: list = []
+    batches = deque()  # parsed batches whose encodings are on their way, oldest first
 
-    def flush_batch() -> None:
-        encoded = iter(encoder.encode_many([(example, location) for _, location, example in pending
-                                            if not isinstance(example, BadRecord)]))
+    def to_encode():
+        for pending in _pending_batches(spec, stats):
+            batches.append(pending)
+            yield [(example, location) for _, location, example in pending if not isinstance(example, BadRecord)]
+
+    for encodings in encoded_batches(encoder, to_encode(), data.num_proc):
+        pending = batches.popleft()
+        encoded = iter(encodings)
         for record, location, example in pending:
             result = example if isinstance(example, BadRecord) else next(encoded)
             try:
@@ -167,13 +187,6 @@ def _tokenise_source(spec: SourceConfig, encoder: ChatEncoder, data: DataConfig,
                 stats.examples += 1
                 if len(builder) == CHUNK_ROWS:
                     emit(builder.take())
-        pending.clear()
-
-    for parsed in _parsed_records(spec, stats):
-        pending.append(parsed)
-        if len(pending) == ENCODE_BATCH:
-            flush_batch()
-    flush_batch()
     if len(builder):
         emit(builder.take())
     stats.format = stats.format or spec.format
