@@ -12,6 +12,7 @@ and reweight-LoRA step / sft-LoRA step ≤ 3.1 (reweight-LoRA peak / two-full-co
 
     python bench/reweight_step.py                   # smollm2-135m-instruct, batch 4, validation batch 4
     python bench/reweight_step.py --modes sft_lora reweight_lora reweight
+    python bench/reweight_step.py --modes sft_lora reweight_lora --profile 25   # where a LoRA step's time goes
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def write_data(directory: Path, count: int, words: int, seed: int) -> Path:
 def child(mode: str, args) -> dict:
     baseline = rss_bytes()
     from lmrefinery.config import ReweightConfig, SFTConfig, validate_config
+    from lmrefinery.recipes import common as common_recipe
     from lmrefinery.recipes import reweight, sft
     from lmrefinery.train.precision import peak_memory_bytes
     from lmrefinery.train.run_dir import read_metrics
@@ -65,6 +67,7 @@ def child(mode: str, args) -> dict:
     out = root / mode
     common = {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.micro, "checkpoint_every": None}
     lora = LORA if mode.endswith("_lora") else {"enabled": False}
+    profiler = _profile_steps(reweight if mode.startswith("reweight") else common_recipe) if args.profile else None
     if mode.startswith("sft"):
         config = validate_config(SFTConfig, {"output_dir": str(out), "model": model, "data": data, "lora": lora,
                                              "save_model": False, "train": {**common, "lr": 1e-5}})
@@ -81,7 +84,44 @@ def child(mode: str, args) -> dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     times = [m["step_time_s"] for m in read_metrics(out / "metrics.jsonl") if "step_time_s" in m]
     peak = peak_memory_bytes(device) - (baseline if device.type == "cpu" else 0)
-    return {"mode": mode, "step_s": statistics.median(times[1:]), "peak_memory_bytes": peak, "steps": len(times)}
+    result = {"mode": mode, "step_s": statistics.median(times[1:]), "peak_memory_bytes": peak, "steps": len(times)}
+    if profiler is not None:
+        result["profile"] = _top_functions(profiler, args.profile, len(times) - 1)
+    return result
+
+
+def _profile_steps(recipe_module):
+    """cProfile around every step but the first (warm-up): the recipe's `run_loop` gets a step function that switches
+    the profiler on and off, so model loading, data and saving stay out of the figures."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    original = recipe_module.run_loop
+
+    def run_loop(loop, step_fn, resume):
+        def profiled(index):
+            if index == 0:
+                return step_fn(index)
+            profiler.enable()
+            try:
+                return step_fn(index)
+            finally:
+                profiler.disable()
+        return original(loop, profiled, resume)
+
+    recipe_module.run_loop = run_loop
+    return profiler
+
+
+def _top_functions(profiler, count: int, steps: int) -> list[dict]:
+    """The `count` functions with the most own time (tottime) per profiled step, and their cumulative time."""
+    import pstats
+
+    entries = pstats.Stats(profiler).stats  # (file, line, name) → (calls, primitive calls, tottime, cumtime, callers)
+    ranked = sorted(entries.items(), key=lambda item: item[1][2], reverse=True)[:count]
+    return [{"function": f"{Path(file).name}:{line}({name})", "calls_per_step": round(calls / steps, 1),
+             "own_s_per_step": round(own / steps, 4), "cumulative_s_per_step": round(cumulative / steps, 4)}
+            for (file, line, name), (calls, _, own, cumulative, _) in ranked]
 
 
 def main() -> None:
@@ -95,6 +135,9 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=40)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to run (default all)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="cProfile every step but the first and report each mode's N functions with the most "
+                             "own time per step")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
