@@ -114,9 +114,20 @@ def test_teacher_cache_written_packed_is_byte_identical(tmp_path, tiny_model_dir
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_packing(tmp_path, tiny_model_dir):
-    config = sft_config(tmp_path, tiny_model_dir, steps=2, checkpoint_every=None, micro_batch_size=2, packing=True)
+    config = sft_config(tmp_path, tiny_model_dir, steps=2, checkpoint_every=None, batch_size=8, micro_batch_size=4,
+                        packing=True)
+    config["data"]["sources"][0]["path"] = str(write_jsonl(tmp_path / "skewed.jsonl", _skewed_records()))
+    config["data"]["max_length"] = 192
     single, double = run_one_and_two_processes(tmp_path, "sft", config)
     assert losses(double) == pytest.approx(losses(single), abs=1e-5)
+    padded = dict(config, output_dir=str(tmp_path / "padded"), train=dict(config["train"], packing=False))
+    assert run_cli("sft", "--config", write_yaml(tmp_path / "padded.yaml", padded)) == 0
+    assert losses(tmp_path / "padded") == pytest.approx(losses(single), abs=1e-5)
+
+    def padding(run):
+        return sum(m.get("padded_tokens", 0) for m in read_metrics(run / "metrics.jsonl"))
+    # rows were packed (each rank packs its own strided share, so the two layouts pack differently)
+    assert padding(single) < padding(tmp_path / "padded") and padding(double) < padding(tmp_path / "padded")
 
 
 @pytest.mark.parametrize("mode", ["cache", "online"])
