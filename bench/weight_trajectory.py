@@ -26,7 +26,8 @@ PARTITION = re.compile(r"_(dot|wrong_answers)_([0-9.]+)$")
 def weights_per_step(run: Path) -> dict[int, dict[str, float]]:
     from lmrefinery.train.run_dir import read_metrics
 
-    return {m["step"]: m["weights"] for m in read_metrics(run / "metrics.jsonl") if "weights" in m}
+    return {m["step"]: m["weights"] for m in read_metrics(run / "metrics.jsonl")
+            if isinstance(m.get("weights"), dict)}  # per-step lines (the start line lists the initial weights)
 
 
 def ordering_at(weights: dict[str, float]) -> dict:
@@ -55,13 +56,33 @@ def main() -> None:
         report[str(run)] = {step: ordering_at(trajectory[step]) for step in args.steps if step in trajectory}
     print(json.dumps(report, indent=2))
     if args.plot:
-        from lmrefinery.plots import line_plot
+        plot_trajectories(weights_per_step(args.runs[0]), args.plot, args.runs[0])
 
-        trajectory = weights_per_step(args.runs[0])
-        steps = sorted(trajectory)
-        line_plot(args.plot, steps, {name: [trajectory[s][name] for s in steps] for name in trajectory[steps[0]]},
-                  f"source weights per step ({args.runs[0]})", "weight")
 
+def plot_trajectories(trajectory: dict[int, dict[str, float]], path: Path, run: Path) -> None:
+    """Partitions coloured by corruption rate (solid: ".", dashed: wrong answers), the other sources in their own
+    colours, the legend beside the axes."""
+    import matplotlib.pyplot as plt
+
+    from lmrefinery.plots import save_figure
+
+    steps = sorted(trajectory)
+    figure, axes = plt.subplots(figsize=(9, 4.5), dpi=120)
+    rates, others = plt.get_cmap("plasma"), plt.get_cmap("tab10").colors
+    for index, name in enumerate(trajectory[steps[0]]):
+        values = [trajectory[step][name] for step in steps]
+        match = PARTITION.search(name)
+        if match:
+            axes.plot(steps, values, color=rates(0.85 * float(match.group(2))), linewidth=1.2,
+                      linestyle="-" if match.group(1) == "dot" else "--", label=name)
+        else:
+            axes.plot(steps, values, color=others[index % len(others)], linewidth=2.2, label=name)
+    axes.set(title=f"source weights per step — {'/'.join(run.resolve().parts[-6:-1])}",
+             xlabel="step", ylabel="weight")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    save_figure(figure, path)
 
 if __name__ == "__main__":
     main()
