@@ -60,9 +60,10 @@ class ScaleBiOConfig(StrictModel):
                                                                 "carries α) at α × this; null: off.")
     max_weight_grad_norm: float | None = Field(None, gt=0, description="Clip λ's gradient norm (null: off).")
     lisa_draw: Literal["independent", "shared"] = Field(
-        "independent", description="With lisa.enabled: u and w draw their active blocks independently (the authors'), "
-                                   "or share one draw (common random numbers), so that ℓ_k(w) − ℓ_k(u) does not also "
-                                   "measure which blocks each copy happened to train.")
+        "shared", description="With lisa.enabled: u and w share one draw of active blocks (common random numbers), so "
+                              "that ℓ_k(w) − ℓ_k(u) does not also measure which blocks each copy happened to train — "
+                              "measured 0.34× the λ-gradient spread of independent draws (the authors'; "
+                              "'independent'), docs/reweight.md.")
 
 
 class ReweightTrainConfig(ScheduleConfig):
