@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.reweight_step import rss_bytes, write_data  # noqa: E402
+from bench.process_memory import rss_bytes  # noqa: E402
+from bench.reweight_step import write_data  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

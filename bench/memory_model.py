@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.process_memory import rss_bytes  # noqa: E402
+
 GIB = 2 ** 30
 CUDA_OVERHEAD = 1.5 * GIB
 FIT_FRACTION = 0.9
@@ -218,10 +220,6 @@ VALIDATION = [
     ("random-0.5b", "full", 2, 256, True),
 ]
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure(name: str, mode: str, micro_batch: int, length: int, checkpointing: bool, steps: int = 3) -> dict:

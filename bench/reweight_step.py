@@ -29,13 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.process_memory import rss_bytes  # noqa: E402
+
 MODES = ("sft", "reweight", "reweight_lisa", "sft_lora", "reweight_lora")
 LORA = {"enabled": True, "r": 16, "alpha": 32}
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def write_data(directory: Path, count: int, words: int, seed: int) -> Path:
