@@ -36,7 +36,6 @@ from bench.process_memory import rss_bytes  # noqa: E402
 FORMATS = ("sharded", "gathered")
 
 
-
 class PeakRSS:
     """The largest resident set seen while the block runs, sampled by a thread, minus the size on entry."""
 

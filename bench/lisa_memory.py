@@ -30,7 +30,6 @@ from bench.process_memory import rss_bytes  # noqa: E402
 MODES = ("full", "lisa", "lisa_keep_state")
 
 
-
 def measure(mode: str, args) -> dict:
     import torch
 

@@ -221,7 +221,6 @@ VALIDATION = [
 ]
 
 
-
 def measure(name: str, mode: str, micro_batch: int, length: int, checkpointing: bool, steps: int = 3) -> dict:
     """Peak RSS growth over `steps` fp32 optimizer steps of the trainers' own step function (the first step creates
     the optimizer state, the later ones run with it), relative to the process before the model exists."""

@@ -35,7 +35,6 @@ MODES = ("sft", "reweight", "reweight_lisa", "sft_lora", "reweight_lora")
 LORA = {"enabled": True, "r": 16, "alpha": 32}
 
 
-
 def write_data(directory: Path, count: int, words: int, seed: int) -> Path:
     rng = random.Random(seed)
     vocabulary = ("the model learns which data sources help the target task most while training on a mixture of "
