@@ -32,11 +32,14 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     @property
+    def forward_positions(self) -> int:
+        """Token positions the forward pass computes: the packed rows' when packed, else the padded batch's."""
+        return (self.packed.input_ids if self.packed is not None else self.input_ids).numel()
+
+    @property
     def padded_tokens(self) -> int:
-        """Padding positions the forward pass computes (of the packed rows when packed)."""
-        if self.packed is not None:
-            return self.packed.padded_tokens
-        return int(self.attention_mask.numel() - self.attention_mask.sum())
+        """Padding among the forward's positions."""
+        return self.forward_positions - int(self.attention_mask.sum())
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of the model's forward: packed rows with restarting position ids and no attention

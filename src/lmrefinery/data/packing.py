@@ -31,10 +31,6 @@ class PackedRows:
         return PackedRows(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.position_ids,
                                                                        self.flat_index)))
 
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.input_ids.numel() - (self.flat_index >= 0).sum())
-
 
 def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of `lengths` grouped into rows of total length ≤ capacity, best fit decreasing (ties keep index order,

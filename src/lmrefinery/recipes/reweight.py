@@ -192,9 +192,10 @@ def warn_if_unsettled(signal: dict) -> bool:
 def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, core: ScaleBiO, steps: int,
                   diverged: str | None = None) -> dict:
     """`diverged`: the run stopped on non-finite values; the weights written are the last good ones (after `steps`)."""
-    rows = [m for m in read_metrics(output_dir / "metrics.jsonl") if "weights" in m and "event" not in m]
+    metrics = read_metrics(output_dir / "metrics.jsonl")
+    rows = [m for m in metrics if "weights" in m and "event" not in m]
     signal = lambda_gradient_signal(rows, pool.names, core.weights.tolist())
-    start = read_metrics(output_dir / "metrics.jsonl")[0]
+    start = metrics[0]
     names = pool.names
     weights = dict(zip(names, core.weights.tolist()))
     hyper = config.scalebio

@@ -80,10 +80,10 @@ def global_token_counts(micro_batches: list[Batch], env: DistEnv, device: torch.
     local = torch.tensor([float(sum(b.supervised_tokens for b in micro_batches)),
                           float(sum(int(b.attention_mask.sum()) for b in micro_batches)),
                           float(sum(b.input_ids.shape[0] for b in micro_batches)),
-                          float(sum(b.padded_tokens for b in micro_batches))],
+                          float(sum(b.forward_positions for b in micro_batches))],
                          dtype=torch.float64, device=device)
-    supervised, inputs, examples, padded = all_reduce_sum(local, env).tolist()
-    return int(supervised), int(inputs), int(examples), int(padded)
+    supervised, inputs, examples, computed = all_reduce_sum(local, env).tolist()
+    return int(supervised), int(inputs), int(examples), int(computed - inputs)
 
 
 # (model, batch, precision) → per-example loss sums [B], supervised token counts [B] and, optionally, a third item:
