@@ -4,6 +4,8 @@ first packed micro-batch runs both ways and the log-probabilities must agree."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +37,7 @@ def check_packing_exact(model: nn.Module, batch: Batch) -> None:
     was_training = model.training
     model.eval()  # dropout would make the two forwards differ for a reason other than the layout
     try:
-        padded = logits_at(model, positions, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        padded = logits_at(model, positions, **replace(batch, packed=None).model_inputs())
         packed = logits_at(model, batch.hidden_positions(positions), **batch.model_inputs())
     finally:
         model.train(was_training)
