@@ -23,13 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PARTITION = re.compile(r"_(dot|wrong_answers)_([0-9.]+)$")
 
 
-def weights_per_step(run: Path) -> dict[int, dict[str, float]]:
-    from lmrefinery.train.run_dir import read_metrics
-
-    return {m["step"]: m["weights"] for m in read_metrics(run / "metrics.jsonl")
-            if isinstance(m.get("weights"), dict)}  # per-step lines (the start line lists the initial weights)
-
-
 def ordering_at(weights: dict[str, float]) -> dict:
     from scipy import stats
 
@@ -50,13 +43,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 100, 200, 300])
     parser.add_argument("--plot", type=Path, help="PNG of the first run's weight trajectories")
     args = parser.parse_args()
+    from lmrefinery.recipes.reweight import weight_trajectory
+
     report = {}
     for run in args.runs:
-        trajectory = weights_per_step(run)
+        trajectory = weight_trajectory(run)
         report[str(run)] = {step: ordering_at(trajectory[step]) for step in args.steps if step in trajectory}
     print(json.dumps(report, indent=2))
     if args.plot:
-        plot_trajectories(weights_per_step(args.runs[0]), args.plot, args.runs[0])
+        plot_trajectories(weight_trajectory(args.runs[0]), args.plot, args.runs[0])
 
 
 def plot_trajectories(trajectory: dict[int, dict[str, float]], path: Path, run: Path) -> None:

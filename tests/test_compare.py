@@ -229,3 +229,61 @@ def test_an_old_method_name_is_one_line_naming_the_new_one(tmp_path, tiny_model_
     assert run_cli("compare", "--config", write_yaml(tmp_path / "c.yaml", tree)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"method '{old}' is now '{new}'" in err[0] and "Traceback" not in err[0]
+
+
+def _variants_tree(out, model_dir, methods, **reweight_train) -> dict:
+    tree = compare_tree(out, model_dir, seeds=(0,), mixture=methods)
+    tree.pop("distillation")
+    tree["mixture"]["append_validation"] = False
+    tree["mixture"]["reweight"]["train"] |= {"steps": 10, "schedule": "constant", "warmup_ratio": 0.0,
+                                             **reweight_train}
+    return tree
+
+
+@pytest.mark.slow
+def test_appended_and_equal_compute_variants_reuse_their_methods_runs(tmp_path, tiny_model_dir):
+    """`less_appended` is LESS-style's own SFT set plus the validation set (its selection not redone, its selection
+    cost LESS's); `scalebio_at_less_cost` trains on the weights ScaleBiO's run logged after the first step whose
+    passes reach LESS-style's; the methods they read run even when not requested, and the variant pairs are
+    reported."""
+    from lmrefinery.recipes.reweight import weight_trajectory
+
+    out = tmp_path / "c"
+    methods = ("uniform", "less", "less_appended", "scalebio_at_less_cost", "scalebio_at_less_cost_appended")
+    compare.run(validate_config(CompareConfig, _variants_tree(out, tiny_model_dir, methods)), isolate=False)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["per_seed"]["mixture"]) == list(methods)
+    run = {m: out / "mixture" / m / "seed-0" for m in methods + ("scalebio",)}
+    result = {m: json.loads((run[m] / "result.json").read_text()) for m in run}  # scalebio ran, unrequested
+    validation = [json.loads(line) for line in (out / "data" / "target.validation.jsonl").read_text().splitlines()]
+    for base in ("less", "scalebio_at_less_cost"):
+        plain = (run[base] / "selected.jsonl").read_text().splitlines()
+        appended = (run[base + "_appended"] / "selected.jsonl").read_text().splitlines()
+        assert appended[:len(plain)] == plain and len(appended) == len(plain) + len(validation)
+        assert [json.loads(line)["messages"] for line in appended[len(plain):]] == [r["messages"] for r in validation]
+        assert result[base + "_appended"]["chosen"] == result[base]["chosen"]
+        assert result[base + "_appended"]["cost"]["selection"] == result[base]["cost"]["selection"]
+        assert result[base + "_appended"]["appended_validation"] == len(validation) != 0
+    # equal compute: LESS scored every pool and validation example once; ScaleBiO's step costs 2·7 + 2 passes
+    less_passes = result["less"]["cost"]["selection"]["forward"]
+    steps = result["scalebio_at_less_cost"]["reweight_steps"]
+    assert (steps - 1) * 16 < less_passes <= steps * 16 < 10 * 16
+    assert result["scalebio_at_less_cost"]["cost"]["selection"]["forward"] == steps * 16
+    logged = weight_trajectory(run["scalebio"] / "reweight")
+    assert result["scalebio_at_less_cost"]["learned_weights"] == logged[steps] != logged[10]
+    pairs = results["statistics"]["mixture"]["pairs"]
+    assert set(pairs) == {"less_appended vs less", "scalebio_at_less_cost_appended vs scalebio_at_less_cost",
+                          "scalebio_at_less_cost vs less", "scalebio_at_less_cost_appended vs less_appended"}
+    assert "scalebio_at_less_cost vs less " in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"append_validation": True}, "use one or the other"),
+    ({"reweight_schedule": "cosine"}, "needs reweight.train.schedule: constant")])
+def test_variants_that_would_not_mean_what_they_say_are_refused(tmp_path, tiny_model_dir, capsys, change, message):
+    tree = _variants_tree(tmp_path / "c", tiny_model_dir, ("uniform", "less_appended", "scalebio_at_less_cost"),
+                          schedule=change.get("reweight_schedule", "constant"))
+    tree["mixture"]["append_validation"] = change.get("append_validation", False)
+    assert run_cli("compare", "--config", write_yaml(tmp_path / "c.yaml", tree)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

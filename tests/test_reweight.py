@@ -192,3 +192,26 @@ def test_lisa_draw_shared_on_one_and_two_processes(tmp_path, tiny_model_dir):
     config["lisa"] = {"enabled": True, "layers": 1, "interval": 2}
     config["scalebio"]["lisa_draw"] = "shared"
     same_weights_on_one_and_two_processes(tmp_path, config)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_first_steps_of_a_constant_schedule_run_are_the_shorter_run(tmp_path, tiny_model_dir, schedule):
+    """`compare`'s equal-compute ScaleBiO reads the weights a long run logged after step N as the N-step run's: true
+    with a constant schedule and no warm-up (stratified batches, LISA switching mid-run), not with a decay."""
+    from lmrefinery.recipes.reweight import weight_trajectory
+
+    runs = {}
+    for steps in (3, 6):
+        config = _reweight_config(tmp_path / str(steps), tiny_model_dir, steps=steps, batch_size=8,
+                                  micro_batch_size=4, schedule=schedule, sampling="stratified")
+        config["lisa"] = {"enabled": True, "layers": 1, "interval": 2}
+        assert run_cli("reweight", "--config", write_yaml(tmp_path / f"rw{steps}.yaml", config)) == 0
+        runs[steps] = tmp_path / str(steps) / "run"
+    short = json.loads((runs[3] / "weights.json").read_text())["weights"]
+    logged = weight_trajectory(runs[6])
+    assert sorted(logged) == list(range(1, 7))
+    assert logged[6] == json.loads((runs[6] / "weights.json").read_text())["weights"]
+    if schedule == "constant":
+        assert logged[3] == short
+    else:
+        assert max(abs(logged[3][name] - short[name]) for name in short) > 1e-6

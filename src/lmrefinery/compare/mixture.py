@@ -47,12 +47,13 @@ def _pool_records(config: CompareConfig, pool) -> list[dict]:
             for e in pool.examples]
 
 
-def sft_records(config: CompareConfig, pool, chosen: list[int]) -> list[dict]:
+def sft_records(config: CompareConfig, pool, chosen: list[int], append_validation: bool = False) -> list[dict]:
     """A method's SFT set: the chosen pool examples (each record tagged with its source), then — with
-    `append_validation` — every validation record (tagged `validation`), in the order SFT reads them."""
+    `append_validation` (the config's, or this run's as an `*_appended` method) — every validation record (tagged
+    `validation`), in the order SFT reads them."""
     records = _pool_records(config, pool)
     selected = [records[i] for i in chosen]
-    if config.mixture.append_validation:
+    if config.mixture.append_validation or append_validation:
         selected += [{**record, "source": "validation"} for source in config.mixture.validation
                      for record in read_conversations(source)]
     return selected
@@ -64,11 +65,11 @@ def selection_cost(forward: int = 0, backward: int = 0, wall_s: float = 0.0) -> 
 
 
 def _sft_on(config: CompareConfig, seed: int, directory: Path, pool, chosen: list[int], cost: dict,
-            extra: dict | None = None) -> dict:
+            extra: dict | None = None, append_validation: bool = False) -> dict:
     """The shared budget: one pass of SFT of the base model over the chosen pool examples (plus the validation set
     with `append_validation`), then the target's test metrics, per item and aggregated, and the method's cost."""
     mixture = config.mixture
-    records = sft_records(config, pool, chosen)
+    records = sft_records(config, pool, chosen, append_validation)
     data_path = directory / "selected.jsonl"
     atomic_write_text(data_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     steps = len(records) // config.train.batch_size
@@ -88,7 +89,7 @@ def _sft_on(config: CompareConfig, seed: int, directory: Path, pool, chosen: lis
     cost = {"selection": cost, "sft": {"forward": trained, "backward": trained, "wall_s": sft_wall},
             "total": {key: cost[key] + value for key, value in
                       (("forward", trained), ("backward", trained), ("wall_s", sft_wall))}}
-    return metrics | {"sft_examples": len(chosen), "sft_steps": steps, "examples_per_source": counts,
+    return metrics | {"sft_examples": len(chosen), "chosen": chosen, "sft_steps": steps, "examples_per_source": counts,
                       "appended_validation": len(records) - len(chosen), "cost": cost,
                       "realised_shares": realised_shares(sources, pool.names),
                       "unique_examples": len(set(chosen)), "token_budget": token_budget(config, pool),
@@ -165,7 +166,7 @@ def less(config: CompareConfig, seed: int, directory: str) -> dict:
         bar.close()
         scores = cosine_to_mean(*features)
         del model
-    scored = len(pool.examples) + len(validation.examples)  # one forward and backward each: its gradient features
+    scored = less_selection_passes(pool, validation)  # one forward and backward each: its gradient features
     cost = selection_cost(scored, scored, time.perf_counter() - started)
     return _sft_on(config, seed, directory, pool, _select_within_budget(config, seed, pool, scores, directory), cost)
 
@@ -220,4 +221,54 @@ def scalebio(config: CompareConfig, seed: int, directory: str) -> dict:
     return _mix_and_sft(config, seed, directory, learned, cost) | {"learned_weights": learned}
 
 
-METHODS = {"uniform": uniform, "proportional": proportional, "less": less, "rho": rho, "scalebio": scalebio}
+def _base_result(base_directory: str) -> dict:
+    return json.loads((Path(base_directory) / "result.json").read_text())
+
+
+def appended(config: CompareConfig, seed: int, directory: str, base_directory: str) -> dict:
+    """`<method>_appended`: the method's own SFT set (read from its finished run for this seed, so the selection is
+    not redone and its selection cost is the method's) with the target's validation set appended, as the ScaleBiO
+    authors' final SFT did."""
+    base = _base_result(base_directory)
+    pool = _pools(config)[1]
+    carried = {key: base[key] for key in ("weights", "learned_weights") if key in base}
+    return _sft_on(config, seed, Path(directory), pool, base["chosen"], base["cost"]["selection"], carried,
+                   append_validation=True)
+
+
+def less_selection_passes(pool, validation) -> int:
+    """LESS-style's selection cost in example-level passes (forward and backward alike): one per pool and validation
+    example."""
+    return len(pool.examples) + len(validation.examples)
+
+
+def scalebio_at_less_cost(config: CompareConfig, seed: int, directory: str, base_directory: str) -> dict:
+    """ScaleBiO at equal selection compute with LESS-style: the weights its `reweight` run (this seed's `scalebio`)
+    logged after the first step N whose passes reach LESS-style's, then the same mixture draw and SFT. With a constant
+    schedule and no warm-up (the config requires it) those are the weights an N-step run ends with; the selection's
+    wall time is the run's, pro rata."""
+    _, pool, validation = _pools(config)
+    settings = config.mixture.reweight.train
+    per_step = 2 * settings.batch_size + settings.val_batch_size
+    trajectory = reweight.weight_trajectory(Path(base_directory) / "reweight")
+    run_steps = max(trajectory)
+    steps = min(run_steps, -(-less_selection_passes(pool, validation) // per_step))
+    weights = trajectory[steps]
+    wall = _base_result(base_directory)["cost"]["selection"]["wall_s"] * steps / run_steps
+    cost = selection_cost(steps * per_step, steps * per_step, wall)
+    return _mix_and_sft(config, seed, Path(directory), weights, cost) | {"learned_weights": weights,
+                                                                        "reweight_steps": steps}
+
+
+METHODS = {"uniform": uniform, "proportional": proportional, "less": less, "rho": rho, "scalebio": scalebio,
+           "scalebio_at_less_cost": scalebio_at_less_cost}
+APPENDED = "_appended"
+METHODS |= {name + APPENDED: appended for name in list(METHODS)}
+
+
+def depends_on(name: str) -> str | None:
+    """The method whose finished run (same seed) this one reads: `*_appended` its own selection's, the equal-compute
+    ScaleBiO the `reweight` run of `scalebio`."""
+    if name.endswith(APPENDED):
+        return name[:-len(APPENDED)]
+    return "scalebio" if name == "scalebio_at_less_cost" else None

@@ -102,6 +102,12 @@ def _mixture_section(results: dict, statistics: dict, seeds: list) -> list[str]:
         lines += ["ScaleBiO against the selection baselines (paired, test loss): " + "; ".join(
             f"vs {other} {_delta(values['test_loss'])}" for other, values in statistics["scalebio_vs"].items()) + ".",
             ""]
+    if statistics.get("pairs"):
+        lines += ["Paired comparisons between the variants (test loss" + ("; exact match" if has_exact else "") +
+                  "), the same seeds and test examples: " + "; ".join(
+                      f"{pair} {_delta(values['test_loss'])}" + (
+                          f" / {_delta(values.get('exact_match'), '+.3f')}" if has_exact else "")
+                      for pair, values in statistics["pairs"].items()) + ".", ""]
     if "weights" in statistics:
         per_seed = statistics["weights"]["per_seed"]
         names = list(next(iter(per_seed.values()))["weights"])

@@ -65,14 +65,32 @@ def run_method(directory: Path, function, *args, isolate: bool = True) -> dict:
     return result
 
 
+def run_order(requested: list[str], depends_on) -> list[str]:
+    """The methods to run: the requested ones, each preceded by the methods whose finished runs it reads
+    (`depends_on(name)`, recursively) when those were not requested themselves."""
+    order: list[str] = []
+
+    def add(name: str) -> None:
+        if name not in order:
+            if (needed := depends_on(name)) is not None:
+                add(needed)
+            order.append(name)
+
+    for name in requested:
+        add(name)
+    return order
+
+
 def _mixture(config: CompareConfig, out: Path, isolate: bool) -> dict:
-    results = {name: {} for name in config.mixture.methods}
+    order = run_order(config.mixture.methods, mixture.depends_on)
+    results = {name: {} for name in order}
     for seed in config.seeds:
-        for name in config.mixture.methods:
+        for name in order:
             directory = out / name / f"seed-{seed}"
-            results[name][seed] = run_method(directory, mixture.METHODS[name], config, seed, str(directory),
+            inputs = [str(out / needed / f"seed-{seed}")] if (needed := mixture.depends_on(name)) else []
+            results[name][seed] = run_method(directory, mixture.METHODS[name], config, seed, str(directory), *inputs,
                                              isolate=isolate)
-    return results
+    return {name: results[name] for name in config.mixture.methods}
 
 
 def _release_accelerator_memory() -> None:
@@ -90,10 +108,7 @@ def _distillation(config: CompareConfig, out: Path, isolate: bool) -> tuple[dict
         atomic_write_json(shared_path, shared)
         _release_accelerator_memory()  # the methods run in their own processes: leave them the whole device
     requested = config.distillation.methods
-    order = list(requested)
-    for name, needed in distillation.DEPENDS_ON.items():
-        if name in order and needed not in order:
-            order.insert(order.index(name), needed)
+    order = run_order(requested, distillation.DEPENDS_ON.get)
     results = {name: {} for name in order}
     for seed in config.seeds:
         for name in order:

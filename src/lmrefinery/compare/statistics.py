@@ -58,6 +58,10 @@ def mixture_statistics(results: dict, seeds: list, noisy_sources: list[str] | No
             row["difference"] = _mixture_differences(results[method], results[reference], seeds, keys)
         table[method] = row
     statistics = {"reference": reference, "methods": table}
+    pairs = comparison_pairs(methods)
+    if pairs:
+        statistics["pairs"] = {f"{ours} vs {theirs}": _mixture_differences(results[ours], results[theirs], seeds, keys)
+                               for ours, theirs in pairs}
     if "scalebio" in results:
         others = [m for m in ("less", "rho") if m in results]
         statistics["scalebio_vs"] = {other: _mixture_differences(results["scalebio"], results[other], seeds, keys)
@@ -67,6 +71,21 @@ def mixture_statistics(results: dict, seeds: list, noisy_sources: list[str] | No
         if partitions:
             statistics["partitions"] = partition_correlations(results["scalebio"], seeds, partitions)
     return statistics
+
+
+def comparison_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """The paired comparisons beyond "each method vs the reference" that the mixture variants exist for: each
+    `<method>_appended` against its method (what appending the validation set does), ScaleBiO's appended and
+    equal-compute variants against LESS-style's and RHO-style's counterparts (the same comparison with appended
+    validation, and at equal selection compute)."""
+    present = set(methods)
+    pairs = [(name, name[:-len("_appended")]) for name in methods
+             if name.endswith("_appended") and name[:-len("_appended")] in present]
+    for ours, theirs in (("scalebio_appended", "less_appended"), ("scalebio_appended", "rho_appended"),
+                         ("scalebio_at_less_cost", "less"), ("scalebio_at_less_cost_appended", "less_appended")):
+        if ours in present and theirs in present:
+            pairs.append((ours, theirs))
+    return [pair for pair in pairs if pair[1] != methods[0]]  # "vs the reference" is in the table already
 
 
 PARTITION_RHO = -0.8  # claim (a′): the weight falls with the corruption rate, ρ at most this in every seed

@@ -13,7 +13,10 @@ from lmrefinery.config.loading import StrictModel, path_field
 from lmrefinery.config.sections import (CalibrationBinsConfig, CalibrationSettings, LISAConfig, ModelConfig,
                                         SourceConfig, TrainConfig, unique_source_names)
 
-MIXTURE_METHODS = ("uniform", "proportional", "less", "rho", "scalebio")
+SELECTION_METHODS = ("uniform", "proportional", "less", "rho", "scalebio", "scalebio_at_less_cost")
+# `<method>_appended`: the method's own SFT set with the target's validation set appended (its selection reused)
+MIXTURE_METHODS = SELECTION_METHODS + tuple(f"{name}_appended" for name in SELECTION_METHODS)
+DEFAULT_MIXTURE_METHODS = ["uniform", "proportional", "less", "rho", "scalebio"]
 DISTILL_METHODS = ("sft", "sft_temperature", "sft_label_smoothing", "topk_kd", "topk_kd_restricted", "online_kd",
                    "first", "first_restricted", "first_hard_labels")
 # Old method names: `first` and `topk_kd` now carry the other bucket (what `distill` ships); the paper's restricted
@@ -47,10 +50,13 @@ class PartitionSpec(StrictModel):
 
 
 class MixtureCompareConfig(StrictModel):
-    methods: list[Literal[MIXTURE_METHODS]] = Field(list(MIXTURE_METHODS), min_length=1,
+    methods: list[Literal[MIXTURE_METHODS]] = Field(DEFAULT_MIXTURE_METHODS, min_length=1,
                                                     description="Methods to run; the first-listed is the reference "
                                                                 "every other one is compared with (uniform by "
-                                                                "default).")
+                                                                "default). `scalebio_at_less_cost`: ScaleBiO's "
+                                                                "weights after as many reweight steps as cost "
+                                                                "LESS-style's selection; `<method>_appended`: that "
+                                                                "method's SFT set plus the validation set.")
     sources: list[SourceConfig] | None = Field(None, min_length=1, description="The pool every method draws from "
                                                                                 "(filled in by demo_data).")
     validation: list[SourceConfig] | None = Field(None, min_length=1, description="The target's validation set.")
@@ -78,6 +84,21 @@ class MixtureCompareConfig(StrictModel):
     reweight: ScaleBiOMethodConfig = ScaleBiOMethodConfig()
 
     _unique = field_validator("sources")(unique_source_names)
+
+    @model_validator(mode="after")
+    def _variants_are_well_defined(self) -> "MixtureCompareConfig":
+        if self.append_validation and any(m.endswith("_appended") for m in self.methods):
+            raise ValueError("append_validation: true already appends the validation set to every method; the "
+                             "*_appended methods compare with and without it (use one or the other)")
+        if any(m.startswith("scalebio_at_less_cost") for m in self.methods):
+            train = self.reweight.train
+            if train.schedule != "constant" or train.warmup_steps or (train.warmup_steps is None
+                                                                      and train.warmup_ratio):
+                raise ValueError("scalebio_at_less_cost reads ScaleBiO's weights part-way through its run as a "
+                                 "shorter run's: it needs reweight.train.schedule: constant and no warm-up "
+                                 f"(got schedule {train.schedule!r}, warmup_ratio {train.warmup_ratio}, "
+                                 f"warmup_steps {train.warmup_steps})")
+        return self
 
 
 class TeacherSpec(StrictModel):

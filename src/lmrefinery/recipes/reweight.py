@@ -161,6 +161,14 @@ def run(config: ReweightConfig, resume: bool | str = False) -> Path:
     return output_dir
 
 
+def weight_trajectory(output_dir: Path) -> dict[int, dict[str, float]]:
+    """The weights a `reweight` run logged after each step ({step: {source: weight}}). With a constant schedule and
+    no warm-up nothing in a step depends on the run's length, so the weights after step N are those an N-step run
+    ends with (tests/test_reweight.py)."""
+    return {m["step"]: m["weights"] for m in read_metrics(Path(output_dir) / "metrics.jsonl")
+            if isinstance(m.get("weights"), dict) and "event" not in m}
+
+
 def lambda_gradient_signal(rows: list[dict], names: list[str], weights: list[float]) -> dict:
     """Per source, the signal-to-noise of its λ-gradient over the last quarter of the steps (at least 2), and whether
     the top-weighted source's lead is backed by a consistent push (scalebio.weights_settled)."""
