@@ -204,6 +204,22 @@ def test_a_changed_config_does_not_reuse_finished_methods(tmp_path, tiny_model_d
     assert "different config" in capsys.readouterr().err
 
 
+def test_a_config_written_before_a_setting_existed_is_the_same_config(tmp_path, tiny_model_dir):
+    """An upgrade that adds a setting (its default = what ran) keeps a finished comparison's runs; a changed value
+    does not."""
+    import yaml
+
+    from lmrefinery.config import dump_config
+
+    resolved = dump_config(validate_config(CompareConfig, compare_tree(tmp_path / "c", tiny_model_dir)))
+    older = yaml.safe_load(resolved)
+    del older["train"]["packing"], older["distillation"]["label_smoothing"]  # as if written before these existed
+    assert compare._same_settings(yaml.safe_dump(older, sort_keys=False), resolved)
+    older["train"]["lr"] = 0.5
+    assert not compare._same_settings(yaml.safe_dump(older, sort_keys=False), resolved)
+    assert not compare._same_settings("seeds: [1]\n", resolved) and not compare._same_settings("a: [", resolved)
+
+
 def test_a_stage_interrupted_before_its_first_checkpoint_starts_afresh(tmp_path, tiny_model_dir):
     """compare and demo checkpoint a short SFT only at its end: a run killed before that leaves a run directory
     without checkpoints, which a rerun must replace rather than refuse."""

@@ -23,10 +23,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+import yaml
 
 from lmrefinery.compare import data, distillation, mixture
 from lmrefinery.compare.report import write_report
-from lmrefinery.config import CompareConfig, dump_config
+from lmrefinery.config import CompareConfig, dump_config, validate_config
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.logs import configure_logging
@@ -119,6 +120,17 @@ def _distillation(config: CompareConfig, out: Path, isolate: bool) -> tuple[dict
     return {name: results[name] for name in requested}, shared
 
 
+def _same_settings(previous: str, resolved: str) -> bool:
+    """The config a comparison ran under equals this one — also when a later version added settings whose defaults
+    are what ran (the old file, read now, fills them in), so finished methods survive an upgrade."""
+    if previous == resolved:
+        return True
+    try:
+        return dump_config(validate_config(CompareConfig, yaml.safe_load(previous))) == resolved
+    except (UserError, yaml.YAMLError):
+        return False
+
+
 def run(config: CompareConfig, isolate: bool = True) -> Path:
     """`isolate=False` runs every method in this process (tests of the orchestration only: memory is then shared)."""
     if config.train.steps is None:
@@ -126,7 +138,7 @@ def run(config: CompareConfig, isolate: bool = True) -> Path:
     out = Path(config.output_dir)
     resolved = dump_config(config)
     previous = out / "config.yaml"
-    if previous.exists() and previous.read_text() != resolved:
+    if previous.exists() and not _same_settings(previous.read_text(), resolved):
         # finished methods are read back, not rerun: they must have been measured under this very config
         raise UserError(f"{previous}: {out} holds a comparison run with a different config; give a new "
                         f"output_dir (or delete it)")
