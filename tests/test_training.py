@@ -137,6 +137,28 @@ def test_final_model_loads_with_automodel_and_matches_checkpoint(tmp_path, tiny_
     assert any(not torch.equal(original[n], state[n]) for n in checkpoint)
 
 
+def test_without_a_final_checkpoint_a_run_writes_only_its_model_and_the_same_one(tmp_path, tiny_model_dir):
+    """`checkpoint_at_end: false` (what compare's stages use): no checkpoint at all, the same trained model."""
+    models = {}
+    for at_end in (True, False):
+        (tmp_path / str(at_end)).mkdir()
+        config = sft_config(tmp_path / str(at_end), tiny_model_dir, steps=2, checkpoint_every=None,
+                            checkpoint_at_end=at_end)
+        assert run_cli("sft", "--config", write_yaml(tmp_path / f"{at_end}.yaml", config)) == 0
+        run = tmp_path / str(at_end) / "run"
+        assert (run / "checkpoints" / "step-2").exists() == at_end
+        assert not at_end or not list((run / "checkpoints").iterdir())[1:]  # only the final one
+        models[at_end] = AutoModelForCausalLM.from_pretrained(run / "model").state_dict()
+    assert all(torch.equal(models[True][name], tensor) for name, tensor in models[False].items())
+    from lmrefinery.compare.stages import train_tree
+    from lmrefinery.config import CompareConfig, validate_config
+    tree = {"model": {"name_or_path": str(tiny_model_dir)}, "mixture": {"sources": [{"name": "a", "path": "a"}],
+            "validation": [{"name": "v", "path": "v"}], "test": [{"name": "t", "path": "t"}]}}
+    for every, at_end in ((None, False), (50, True)):
+        compare = validate_config(CompareConfig, tree | {"train": {"steps": 100, "checkpoint_every": every}})
+        assert train_tree(compare)["checkpoint_at_end"] is at_end
+
+
 def test_label_smoothed_loss_is_the_mixture_of_cross_entropy_and_uniform_target(tokenizer):
     """(1 − ε)·(−log p_gold) + ε·mean_v(−log p_v) per supervised token, written out by hand."""
     from lmrefinery.train.losses import label_smoothed_loss_sums

@@ -80,8 +80,7 @@ def shared_stages(config: CompareConfig, out: Path) -> dict:
         run_stage(sft, SFTConfig, {
             "output_dir": str(teacher_dir), "seed": config.data_seed, "model": {"name_or_path": teacher_model},
             "data": {"sources": source_trees(distillation.train_sources), "max_length": distillation.max_length},
-            "train": train_tree(config, steps=steps, checkpoint_every=steps,
-                            lr=distillation.teacher.finetune_lr or config.train.lr)},
+            "train": train_tree(config, steps=steps, lr=distillation.teacher.finetune_lr or config.train.lr)},
             teacher_dir / "summary.json", teacher_dir)
         timings["teacher fine-tuning"] = time.perf_counter() - started
         teacher_model = str(teacher_dir / "model")

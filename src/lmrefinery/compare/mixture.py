@@ -14,7 +14,7 @@ import torch
 from lmrefinery.baselines.less import CountSketch, cosine_to_mean, gradient_features, last_block_parameters
 from lmrefinery.baselines.mixture import fill_budget, mixture_within_budget, rank_by_score, realised_shares
 from lmrefinery.baselines.rho import example_losses, excess_loss
-from lmrefinery.compare.stages import evaluate_answers, run_stage, source_trees, train_tree
+from lmrefinery.compare.stages import evaluate_answers, no_final_checkpoint, run_stage, source_trees, train_tree
 from lmrefinery.config import CompareConfig, DataConfig, ReweightConfig, SFTConfig
 from lmrefinery.data.sources import read_conversations
 from lmrefinery.fileio import atomic_write_text
@@ -78,7 +78,7 @@ def _sft_on(config: CompareConfig, seed: int, directory: Path, pool, chosen: lis
     run_stage(sft, SFTConfig, {
         "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
         "data": {"sources": [{"name": "selected", "path": str(data_path)}], "max_length": mixture.max_length},
-        "train": train_tree(config, steps=steps, checkpoint_every=steps)}, run_dir / "summary.json", run_dir)
+        "train": train_tree(config, steps=steps)}, run_dir / "summary.json", run_dir)
     sft_wall = time.perf_counter() - started
     metrics = evaluate_answers(directory / "eval", run_dir / "model", source_trees(mixture.test), mixture.max_length,
                                mixture.exact_match, mixture.max_new_tokens, config.model.precision,
@@ -182,8 +182,8 @@ def rho(config: CompareConfig, seed: int, directory: str) -> dict:
     run_stage(sft, SFTConfig, {
         "output_dir": str(reference_dir), "seed": seed, "model": config.model.model_dump(),
         "data": {"sources": source_trees(mixture.validation), "max_length": mixture.max_length},
-        "train": train_tree(config, steps=mixture.rho.reference_steps, lr=mixture.rho.reference_lr,
-                        checkpoint_every=mixture.rho.reference_steps)}, reference_dir / "summary.json", reference_dir)
+        "train": train_tree(config, steps=mixture.rho.reference_steps, lr=mixture.rho.reference_lr)},
+        reference_dir / "summary.json", reference_dir)
     scores = _saved_scores(directory, pool)
     if scores is None:
         losses = {}
@@ -206,12 +206,14 @@ def scalebio(config: CompareConfig, seed: int, directory: str) -> dict:
     directory = Path(directory)
     mixture = config.mixture
     run_dir = directory / "reweight"
+    reweight_tree = mixture.reweight.model_dump(mode="json")
+    reweight_tree["train"] |= no_final_checkpoint(mixture.reweight.train)
     started = time.perf_counter()
     run_stage(reweight, ReweightConfig, {
         "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
         "data": {"sources": source_trees(mixture.sources), "max_length": mixture.max_length},
         "validation": {"sources": source_trees(mixture.validation)},
-        **mixture.reweight.model_dump(mode="json")}, run_dir / "weights.json", run_dir)
+        **reweight_tree}, run_dir / "weights.json", run_dir)
     result = json.loads((run_dir / "weights.json").read_text())
     learned, steps = result["weights"], result["steps"]
     # each step: u and w on the training batch (forward + backward each), w on the validation batch

@@ -149,6 +149,9 @@ class ScheduleConfig(StrictModel):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the cosine/linear decay, as a fraction of lr.")
     log_every: int = Field(1, ge=1, description="Steps between metrics.jsonl lines.")
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints; null = only at the end.")
+    checkpoint_at_end: bool = Field(True, description="Also checkpoint after the last step (model, optimizer and "
+                                                      "sampler state: to train on from it). false: a run without "
+                                                      "checkpoint_every writes no checkpoint, only its model.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
 

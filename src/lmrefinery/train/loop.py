@@ -151,7 +151,7 @@ def _steps(loop: Loop, step_fn, metrics: MetricsLog, progress, start_step: int) 
             improved = result["val_loss"] < loop.best.get("val_loss", float("inf"))
             if improved:
                 loop.best.update(step=done, val_loss=result["val_loss"])
-        if ((schedule.checkpoint_every and done % schedule.checkpoint_every == 0) or done == loop.steps
-                or (improved and _keep_best(loop))):
+        if ((schedule.checkpoint_every and done % schedule.checkpoint_every == 0)
+                or (done == loop.steps and schedule.checkpoint_at_end) or (improved and _keep_best(loop))):
             _checkpoint(loop, done)
     return last
