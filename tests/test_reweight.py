@@ -107,8 +107,15 @@ def same_weights_on_one_and_two_processes(tmp_path, config: dict):
 
 
 def test_two_processes_give_the_same_weights(tmp_path, tiny_model_dir):
-    same_weights_on_one_and_two_processes(tmp_path, _reweight_config(tmp_path, tiny_model_dir, steps=5,
-                                                                     micro_batch_size=4))
+    """…and the same alignment diagnostic, whose sums run over each process's parameter shards."""
+    config = _reweight_config(tmp_path, tiny_model_dir, steps=5, micro_batch_size=4)
+    config["scalebio"]["log_alignment"] = True
+    single, double = same_weights_on_one_and_two_processes(tmp_path, config)
+    alignments = [[m["alignment"] for m in read_metrics(run / "metrics.jsonl") if "alignment" in m]
+                  for run in (single, double)]
+    assert alignments[0][0] is None and len(alignments[0]) == 5
+    assert alignments[1][1:] == pytest.approx(alignments[0][1:], abs=1e-5)
+    assert all(-1 <= value <= 1 for value in alignments[0][1:])
 
 
 @pytest.mark.parametrize("total, weights, expected", [

@@ -233,3 +233,23 @@ def test_settle_guard_needs_the_top_source_pushed_up_and_survives_serial_correla
     # the same push on a source that is not on top, or the top one pushed *down*: not settled
     assert not weights_settled(gradient_signal_to_noise(pushed), top_first.flip(0))
     assert not weights_settled(gradient_signal_to_noise(-pushed), top_first)
+
+
+def test_alignment_is_the_cosine_of_w_minus_u_and_the_negative_validation_gradient():
+    """`log_alignment`: cos(w − u, −∇L1(w)) at the step's point, from w's gradient with the training part taken
+    out; None while w = u; the step itself unchanged."""
+    _, _, train, val = _ridge_problem()
+    core, plain = _core(log_alignment=True), _core()
+    assert core.step(train, val)["alignment"] is None and "alignment" not in plain.step(train, val)
+    seen = []
+    for _ in range(4):
+        w = copy.deepcopy(core.upper_model)
+        _val_loss(w, val).backward()
+        gap = (w.weight - core.lower_model.weight).detach().flatten()
+        descent = -w.weight.grad.flatten()
+        expected = float(gap @ descent / (gap.norm() * descent.norm()))
+        seen.append(core.step(train, val)["alignment"])
+        plain.step(train, val)
+        assert seen[-1] == pytest.approx(expected, abs=1e-9)
+    assert len({round(value, 6) for value in seen}) > 1
+    assert torch.equal(core.logits, plain.logits) and torch.equal(core.upper_model.weight, plain.upper_model.weight)

@@ -110,6 +110,15 @@ def weights_settled(signal: GradientSignal, weights: torch.Tensor, level: float 
     return bool(signal.mean[top] < 0 and signal.snr[top] >= threshold)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a (possibly FSDP2-sharded) tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _local_gradients(model: nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else _local(p.grad).detach().double().clone() for p in model.parameters()]
+
+
 class ScaleBiO:
     """ScaleBiO on any nn.Module: `model` is w (a copy becomes u unless `lower_model` is given), `num_sources` the
     number of data sources. `train_loss_fn(model, batch) -> (per-example losses, source ids)` and
@@ -129,7 +138,7 @@ class ScaleBiO:
                  source_ids_fn: Callable[[object], torch.Tensor] = _default_source_ids,
                  val_weight_fn: Callable[[object], float] | None = None,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 gradient_sum_factor: float = 1.0):
+                 gradient_sum_factor: float = 1.0, log_alignment: bool = False):
         if num_sources < 1:
             raise ValueError("num_sources must be at least 1")
         if total_steps is not None and rounds > total_steps:
@@ -149,6 +158,7 @@ class ScaleBiO:
         self.source_ids_fn, self.val_weight_fn = source_ids_fn, val_weight_fn
         self.all_reduce = all_reduce or (lambda tensor: tensor)
         self.gradient_sum_factor = gradient_sum_factor
+        self.log_alignment = log_alignment
         device = next(model.parameters()).device
         self.logits = nn.Parameter(torch.zeros(num_sources, dtype=torch.float64, device=device))
         # u and w follow the project's weight-decay policy (none on biases and norms); λ never has weight decay.
@@ -232,7 +242,9 @@ class ScaleBiO:
 
         lower_sums = self._weighted_train_backward(self.lower_model, train_micro, per_example, 1.0)
         upper_sums = self._weighted_train_backward(self.upper_model, train_micro, per_example, alpha)
+        train_gradients = _local_gradients(self.upper_model) if self.log_alignment else None
         val_loss = self._validation_backward(self.upper_model, val_micro)
+        alignment = self._alignment(train_gradients) if self.log_alignment else None
 
         lower_means = lower_sums / counts.clamp(min=1)
         upper_means = upper_sums / counts.clamp(min=1)
@@ -265,7 +277,26 @@ class ScaleBiO:
             raise TrainingDiverged(f"ScaleBiO step {step + 1}: the source logits λ became non-finite (learning rate "
                                    f"{rates['weights']:g}); the weights are those before this step")
         self.steps_done += 1
-        return metrics | {"weight_gradient": weight_grad}
+        return metrics | {"weight_gradient": weight_grad} | (
+            {"alignment": alignment} if self.log_alignment else {})
+
+    def _alignment(self, train_gradients: list) -> float | None:
+        """cos(w − u, −∇L1(w)) over the parameters w has gradients for (the LISA-active ones): ∇L1 is w's gradient
+        after the validation backward minus what the weighted training backward had put there. When w − u points
+        along −∇L1, ℓ_k(w) − ℓ_k(u) ≈ −η ∇ℓ_k·∇L1 and the λ-gradient is an influence estimate; None while w = u."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.logits.device)
+        pairs = zip(self.upper_model.parameters(), self.lower_model.parameters(), train_gradients)
+        for upper, lower, before in pairs:
+            if upper.grad is None:
+                continue
+            validation = _local(upper.grad).double() - (0.0 if before is None else before)
+            gap = (_local(upper) - _local(lower)).detach().double()
+            sums += torch.stack([-(gap * validation).sum(), (gap * gap).sum(),
+                                 (validation * validation).sum()]).to(sums.device)
+        inner, gap_norm2, gradient_norm2 = self.all_reduce(sums).tolist()
+        if gap_norm2 == 0.0 or gradient_norm2 == 0.0:
+            return None
+        return inner / math.sqrt(gap_norm2 * gradient_norm2)
 
     # ---- state ----------------------------------------------------------------------------------------------------
     def state_dict(self, include_models: bool = True) -> dict:

@@ -64,6 +64,10 @@ class ScaleBiOConfig(StrictModel):
                               "that ℓ_k(w) − ℓ_k(u) does not also measure which blocks each copy happened to train — "
                               "measured 0.34× the λ-gradient spread of independent draws (the authors'; "
                               "'independent'), docs/reweight.md.")
+    log_alignment: bool = Field(False, description="Log `alignment` each step: the cosine between w − u and w's "
+                                                   "negative validation gradient over the parameters w trains that "
+                                                   "step — whether the λ-gradient still acts as an influence "
+                                                   "estimate (costs a copy of those gradients per step).")
 
 
 class ReweightTrainConfig(ScheduleConfig):

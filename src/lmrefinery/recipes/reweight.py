@@ -71,7 +71,8 @@ def build_core(config: ReweightConfig, upper, lower, num_sources: int, steps: in
                     min_lr_ratio=schedule.min_lr_ratio, max_grad_norm=hyper.max_grad_norm,
                     max_weight_grad_norm=hyper.max_weight_grad_norm, source_ids_fn=lambda batch: batch.source_ids,
                     val_weight_fn=lambda batch: batch.supervised_tokens,
-                    all_reduce=lambda tensor: all_reduce_sum(tensor, env), gradient_sum_factor=env.world_size)
+                    all_reduce=lambda tensor: all_reduce_sum(tensor, env), gradient_sum_factor=env.world_size,
+                    log_alignment=hyper.log_alignment)
 
 
 def run(config: ReweightConfig, resume: bool | str = False) -> Path:
