@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lmrefinery.models.layers import find_decoder_layers
+from lmrefinery.train.distributed import local_shard
 
 
 def _tied_embedding(model: nn.Module) -> bool:
@@ -113,7 +114,7 @@ class LISA:
         for state in self.optimizer.state.values():
             for value in state.values():
                 if torch.is_tensor(value):
-                    local = value.to_local() if hasattr(value, "to_local") else value
+                    local = local_shard(value)
                     total += local.numel() * local.element_size()
         return total
 

@@ -38,6 +38,7 @@ from scipy import stats
 from torch import nn
 
 from lmrefinery.errors import TrainingDiverged
+from lmrefinery.train.distributed import local_shard
 from lmrefinery.train.losses import clip_gradients, guarded_step
 from lmrefinery.train.optim import build_optimizer, lr_multiplier
 
@@ -110,13 +111,8 @@ def weights_settled(signal: GradientSignal, weights: torch.Tensor, level: float 
     return bool(signal.mean[top] < 0 and signal.snr[top] >= threshold)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a (possibly FSDP2-sharded) tensor."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def _local_gradients(model: nn.Module) -> list[torch.Tensor | None]:
-    return [None if p.grad is None else _local(p.grad).detach().double().clone() for p in model.parameters()]
+    return [None if p.grad is None else local_shard(p.grad).detach().double().clone() for p in model.parameters()]
 
 
 class ScaleBiO:
@@ -289,8 +285,8 @@ class ScaleBiO:
         for upper, lower, before in pairs:
             if upper.grad is None:
                 continue
-            validation = _local(upper.grad).double() - (0.0 if before is None else before)
-            gap = (_local(upper) - _local(lower)).detach().double()
+            validation = local_shard(upper.grad).double() - (0.0 if before is None else before)
+            gap = (local_shard(upper) - local_shard(lower)).detach().double()
             sums += torch.stack([-(gap * validation).sum(), (gap * gap).sum(),
                                  (validation * validation).sum()]).to(sums.device)
         inner, gap_norm2, gradient_norm2 = self.all_reduce(sums).tolist()

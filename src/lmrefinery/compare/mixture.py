@@ -216,11 +216,16 @@ def scalebio(config: CompareConfig, seed: int, directory: str) -> dict:
         **reweight_tree}, run_dir / "weights.json", run_dir)
     result = json.loads((run_dir / "weights.json").read_text())
     learned, steps = result["weights"], result["steps"]
-    # each step: u and w on the training batch (forward + backward each), w on the validation batch
-    settings = mixture.reweight.train
-    per_step = 2 * settings.batch_size + settings.val_batch_size
+    per_step = scalebio_step_passes(config)
     cost = selection_cost(steps * per_step, steps * per_step, time.perf_counter() - started)
     return _mix_and_sft(config, seed, directory, learned, cost) | {"learned_weights": learned}
+
+
+def scalebio_step_passes(config: CompareConfig) -> int:
+    """Example-level passes of one ScaleBiO step (forward and backward alike): u and w on the training batch, w on
+    the validation batch."""
+    settings = config.mixture.reweight.train
+    return 2 * settings.batch_size + settings.val_batch_size
 
 
 def _base_result(base_directory: str) -> dict:
@@ -250,8 +255,7 @@ def scalebio_at_less_cost(config: CompareConfig, seed: int, directory: str, base
     schedule and no warm-up (the config requires it) those are the weights an N-step run ends with; the selection's
     wall time is the run's, pro rata."""
     _, pool, validation = _pools(config)
-    settings = config.mixture.reweight.train
-    per_step = 2 * settings.batch_size + settings.val_batch_size
+    per_step = scalebio_step_passes(config)
     trajectory = reweight.weight_trajectory(Path(base_directory) / "reweight")
     run_steps = max(trajectory)
     steps = min(run_steps, -(-less_selection_passes(pool, validation) // per_step))

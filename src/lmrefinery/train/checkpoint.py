@@ -27,19 +27,14 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-from torch.distributed.tensor import DTensor
 
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import file_sha256
 from lmrefinery.train.checkpoint_format import (CHECKSUMS, FORMAT, LOCAL, checkpoint_steps, local_options,
                                                 one_process_is_intended, single_process, write_checksums)
-from lmrefinery.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
+from lmrefinery.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object, local_shard
 from lmrefinery.train.rng import rng_state
 from lmrefinery.train.state_tree import split_tensors
-
-
-def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _module_tensors(name: str, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
@@ -47,7 +42,7 @@ def _module_tensors(name: str, module: nn.Module) -> tuple[dict[str, torch.Tenso
     state = get_model_state_dict(module, options=local_options(module))
     tensors, aliases, seen = {}, {}, {}
     for fqn, tensor in state.items():
-        local = _local_tensor(tensor)
+        local = local_shard(tensor)
         identity = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride())
         if local.numel() and identity in seen:  # a tied weight (the head sharing the embedding): one copy on disk
             aliases[fqn] = seen[identity]

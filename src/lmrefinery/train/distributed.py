@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from lmrefinery.models.layers import find_decoder_layers
@@ -71,6 +72,11 @@ def teardown_distributed() -> None:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard when FSDP2 made it a DTensor, else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
