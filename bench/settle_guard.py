@@ -1,7 +1,8 @@
 """The settle guard (scalebio.weights_settled) recomputed on finished `reweight` runs, from their logged λ-gradients.
 
-For every `reweight/metrics.jsonl` under the given directories: the top-weighted source, its mean λ-gradient and
-block-mean signal-to-noise over the last quarter of the steps, the threshold, and whether the run counts as settled.
+For every finished `reweight` run under the given directories (one with its weights.json; runs still going are
+skipped): the top-weighted source, its mean λ-gradient and block-mean signal-to-noise over the last quarter of the
+steps, the threshold, and whether the run counts as settled.
 
     python bench/settle_guard.py results/evidence-a/mixture results/evidence-b/mixture
 """
@@ -26,6 +27,8 @@ def main() -> None:
     report = {}
     for directory in args.directories:
         for metrics in sorted(directory.glob("**/reweight/metrics.jsonl")):
+            if not (metrics.parent / "weights.json").exists():
+                continue
             weights = json.loads((metrics.parent / "weights.json").read_text())["weights"]
             names = list(weights)
             signal = lambda_gradient_signal(read_metrics(metrics), names, [weights[n] for n in names])
