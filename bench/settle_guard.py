@@ -1,7 +1,7 @@
 """The settle guard (scalebio.weights_settled) recomputed on finished `reweight` runs, from their logged λ-gradients.
 
-For every finished `reweight` run under the given directories (one with its weights.json; runs still going are
-skipped): the top-weighted source, its mean λ-gradient and block-mean signal-to-noise over the last quarter of the
+For every finished `reweight` run in or under the given directories (one with its weights.json; runs still going
+are skipped): the top-weighted source, its mean λ-gradient and block-mean signal-to-noise over the last quarter of the
 steps, the threshold, and whether the run counts as settled.
 
     python bench/settle_guard.py results/evidence-a/mixture results/evidence-b/mixture
@@ -26,8 +26,8 @@ def main() -> None:
 
     report = {}
     for directory in args.directories:
-        for metrics in sorted(directory.glob("**/reweight/metrics.jsonl")):
-            if not (metrics.parent / "weights.json").exists():
+        for metrics in sorted(directory.glob("**/metrics.jsonl")):
+            if not (metrics.parent / "weights.json").exists():  # not a reweight run, or one still going
                 continue
             weights = json.loads((metrics.parent / "weights.json").read_text())["weights"]
             names = list(weights)

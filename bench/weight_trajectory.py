@@ -6,8 +6,13 @@ per corruption kind (partitions are the sources named `<family>_<kind>_<rate>`, 
 top-weighted source. With a constant schedule and no warm-up, the first N steps of a longer run are the N-step run, so
 one 300-step run answers the 30 / 100 / 300-step ablation. `--plot` draws every source's weight per step.
 
+Runs that logged `scalebio.log_alignment` also get, per window between the chosen steps, the mean, median and share of
+positive steps of the alignment cos(w − u, −∇L1(w)) — whether the λ-gradient still acts as an influence estimate as
+the run goes on; `--plot-alignment` draws it per step for every run given (e.g. α = 10 against α = 100).
+
     python bench/weight_trajectory.py results/evidence-a/mixture/mixture/scalebio/seed-*/reweight
     python bench/weight_trajectory.py RUN --plot docs/img/weights-300.png
+    python bench/weight_trajectory.py RUN_A RUN_B --plot-alignment docs/img/alignment.png
 """
 
 from __future__ import annotations
@@ -37,11 +42,36 @@ def ordering_at(weights: dict[str, float]) -> dict:
     return {"spearman_rho": rho, "top_source": top, "top_weight": round(weights[top], 3)}
 
 
+def alignment_per_step(run: Path) -> dict[int, float]:
+    """{step: alignment} for the steps where the run logged one (None while w = u is skipped)."""
+    from lmrefinery.train.run_dir import read_metrics
+
+    return {row["step"]: row["alignment"] for row in read_metrics(run / "metrics.jsonl")
+            if "event" not in row and row.get("alignment") is not None}
+
+
+def alignment_windows(alignment: dict[int, float], bounds: list[int]) -> dict[str, dict]:
+    """The alignment summarised over steps (previous bound, bound] — consecutive steps are correlated (w and u
+    carry over), so this describes the run rather than estimating a population mean."""
+    import numpy as np
+
+    windows, start = {}, 0
+    for bound in sorted(bounds):
+        values = np.array([value for step, value in alignment.items() if start < step <= bound])
+        if len(values):
+            windows[f"{start + 1}-{bound}"] = {"steps": int(len(values)), "mean": round(float(values.mean()), 4),
+                                               "median": round(float(np.median(values)), 4),
+                                               "positive": round(float((values > 0).mean()), 3)}
+        start = bound
+    return windows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="reweight output directories")
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 100, 200, 300])
     parser.add_argument("--plot", type=Path, help="PNG of the first run's weight trajectories")
+    parser.add_argument("--plot-alignment", type=Path, help="PNG of every run's alignment per step")
     args = parser.parse_args()
     from lmrefinery.recipes.reweight import weight_trajectory
 
@@ -49,9 +79,38 @@ def main() -> None:
     for run in args.runs:
         trajectory = weight_trajectory(run)
         report[str(run)] = {step: ordering_at(trajectory[step]) for step in args.steps if step in trajectory}
+        alignment = alignment_per_step(run)
+        if alignment:
+            report[str(run)]["alignment"] = alignment_windows(alignment, [*args.steps, max(alignment)])
     print(json.dumps(report, indent=2))
     if args.plot:
         plot_trajectories(weight_trajectory(args.runs[0]), args.plot, args.runs[0])
+    if args.plot_alignment:
+        plot_alignment({str(run): alignment_per_step(run) for run in args.runs}, args.plot_alignment)
+
+
+def plot_alignment(runs: dict[str, dict[int, float]], path: Path) -> None:
+    """Each run's per-step alignment, faint, with a 10-step running mean on top."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lmrefinery.plots import save_figure
+
+    figure, axes = plt.subplots(figsize=(8, 4), dpi=120)
+    for index, (run, alignment) in enumerate(runs.items()):
+        steps = np.array(sorted(alignment))
+        values = np.array([alignment[step] for step in steps])
+        colour = plt.get_cmap("tab10").colors[index % 10]
+        axes.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+        if len(values) >= 10:
+            smooth = np.convolve(values, np.ones(10) / 10, mode="valid")
+            axes.plot(steps[9:], smooth, color=colour, linewidth=2, label=f"{run} (10-step mean)")
+    axes.axhline(0, color="black", linewidth=0.6)
+    axes.set(title="alignment cos(w − u, −∇L1(w)) per step", xlabel="step", ylabel="cosine")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)
 
 
 def plot_trajectories(trajectory: dict[int, dict[str, float]], path: Path, run: Path) -> None:
