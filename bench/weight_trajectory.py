@@ -75,18 +75,18 @@ def main() -> None:
     args = parser.parse_args()
     from lmrefinery.recipes.reweight import weight_trajectory
 
-    report = {}
+    report, trajectories, alignments = {}, {}, {}
     for run in args.runs:
-        trajectory = weight_trajectory(run)
+        trajectories[run] = trajectory = weight_trajectory(run)
         report[str(run)] = {step: ordering_at(trajectory[step]) for step in args.steps if step in trajectory}
-        alignment = alignment_per_step(run)
+        alignments[str(run)] = alignment = alignment_per_step(run)
         if alignment:
             report[str(run)]["alignment"] = alignment_windows(alignment, [*args.steps, max(alignment)])
     print(json.dumps(report, indent=2))
     if args.plot:
-        plot_trajectories(weight_trajectory(args.runs[0]), args.plot, args.runs[0])
+        plot_trajectories(trajectories[args.runs[0]], args.plot, args.runs[0])
     if args.plot_alignment:
-        plot_alignment({str(run): alignment_per_step(run) for run in args.runs}, args.plot_alignment)
+        plot_alignment(alignments, args.plot_alignment)
 
 
 def plot_alignment(runs: dict[str, dict[int, float]], path: Path) -> None:
