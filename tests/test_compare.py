@@ -150,7 +150,7 @@ def test_a_method_run_in_this_process_equals_its_run_in_a_fresh_one(tmp_path, ti
     change the next one's numbers, and the report must not pass the shared process's peak off as a method's."""
     per_seed, reports = {}, {}
     for isolate in (True, False):
-        tree = compare_tree(tmp_path / str(isolate), tiny_model_dir, seeds=(0,), mixture=("scalebio", "uniform"))
+        tree = compare_tree(tmp_path / str(isolate), tiny_model_dir, seeds=(0,), mixture=("uniform", "scalebio"))
         tree["distillation"] = None
         out = compare.run(validate_config(CompareConfig, tree), isolate=isolate)
         per_seed[isolate] = json.loads((out / "results.json").read_text())["per_seed"]["mixture"]
