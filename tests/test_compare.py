@@ -145,6 +145,24 @@ def test_every_baseline_is_deterministic_for_a_seed(tmp_path, tiny_model_dir):
             assert row["realised_shares"][name] == pytest.approx(weight, abs=1.5 / row["sft_examples"] + 0.02)
 
 
+def test_a_method_run_in_this_process_equals_its_run_in_a_fresh_one(tmp_path, tiny_model_dir):
+    """The demo runs its methods in one process (no per-method start and imports): nothing a method leaves behind may
+    change the next one's numbers, and the report must not pass the shared process's peak off as a method's."""
+    per_seed, reports = {}, {}
+    for isolate in (True, False):
+        tree = compare_tree(tmp_path / str(isolate), tiny_model_dir, seeds=(0,), mixture=("uniform", "scalebio"))
+        tree["distillation"] = None
+        out = compare.run(validate_config(CompareConfig, tree), isolate=isolate)
+        per_seed[isolate] = json.loads((out / "results.json").read_text())["per_seed"]["mixture"]
+        reports[isolate] = (out / "results.md").read_text()
+    for method in ("scalebio", "uniform"):
+        isolated, shared = per_seed[True][method]["0"], per_seed[False][method]["0"]
+        assert _measured(shared) == _measured(isolated), method
+        assert isolated["peak_memory_bytes"] > 0 and shared["peak_memory_bytes"] is None
+    assert "peak memory is not measured" in reports[False] and "| n/a |" in reports[False]
+    assert "peak memory is not measured" not in reports[True]
+
+
 def test_realised_shares_follow_the_weights_when_a_favoured_source_is_small():
     """0.8 / 0.2 over sources of 100 and 1000 examples: drawn as `mix` draws (with replacement once the small source
     runs out), the budget holds 80% / 20% — not the flattened shares of drawing each example at most once."""

@@ -40,7 +40,7 @@ def _mean(rows: list[dict], key: str):
 
 def _cost(rows: list[dict]) -> str:
     wall, memory = _mean(rows, "wall_s"), _mean(rows, "peak_memory_bytes")
-    return f"{wall:.0f} | {memory / 2**30:.2f}"
+    return f"{wall:.0f} | " + ("n/a" if memory is None else f"{memory / 2**30:.2f}")
 
 
 def _strip(result: dict) -> dict:
@@ -240,7 +240,7 @@ def _plots(out: Path, mixture: dict | None, distillation: dict | None) -> None:
         bar_panels(out / "plots" / "compare-distillation.png", methods, panels, "Distillation (95% CI)")
 
 
-def write_report(out: Path, config, results: dict, wall_s: float) -> str:
+def write_report(out: Path, config, results: dict, wall_s: float, isolated: bool = True) -> str:
     seeds = list(config.seeds)
     mixture = distillation = None
     if results["mixture"]:
@@ -254,9 +254,12 @@ def write_report(out: Path, config, results: dict, wall_s: float) -> str:
     title = config.model.name_or_path if config.model is not None else config.distillation.teacher.name_or_path
     lines = [f"# lmrefinery compare — {title}", "",
              f"Seeds {seeds} (every method once per seed), batch {budget.batch_size}, lr {budget.lr:g} "
-             f"({budget.schedule}), {budget.steps} steps for every student. Wall time and peak memory are each "
-             "method's own process (mean over seeds; peak memory: resident set on CPU, allocated memory on a GPU). "
-             f"This invocation took {wall_s:.0f} s (finished methods are read back, not rerun).", ""]
+             f"({budget.schedule}), {budget.steps} steps for every student. "
+             + ("Wall time and peak memory are each method's own process (mean over seeds; peak memory: resident set "
+                "on CPU, allocated memory on a GPU). " if isolated else
+                "The methods ran one after another in one process: wall time is each method's own (mean over "
+                "seeds), peak memory is not measured (n/a). ")
+             + f"This invocation took {wall_s:.0f} s (finished methods are read back, not rerun).", ""]
     if found:
         lines += _claims_section(found)
     if mixture:
