@@ -111,3 +111,35 @@ def test_chunks_come_back_from_the_arrow_file_as_written(tmp_path, monkeypatch, 
     examples = PoolExamples([chunks])
     assert [(e.input_ids, e.labels, e.record) for e in examples] == written
     assert examples.lengths().tolist() == [len(ids) for ids, _, _ in written]
+
+
+def test_cached_token_rows_are_positioned_reads_of_the_file_equal_to_its_arrow_columns(tmp_path, monkeypatch):
+    """A cached chunk's token columns read each row with os.pread at the column's place in the file (not through the
+    mapping, whose fault-around made every drawn row cost ~100 KiB of RSS); every slice equals pyarrow's own view of
+    the same column, and a file cut short under a run is a clear error, not wrong tokens."""
+    import numpy as np
+    import pyarrow as pa
+
+    monkeypatch.setenv("LMREFINERY_CACHE", str(tmp_path))
+    writer, builder = pool_cache.CacheWriter("k"), ChunkBuilder()
+    for record in range(300):
+        ids = [(7 * record + j) % 50_000 for j in range(1 + record % 37)]
+        builder.add(ids, [-100] + ids[1:], record)
+        if len(builder) == 128:
+            writer.write(builder.take())
+    writer.write(builder.take())
+    writer.finish({})
+    chunks, _ = pool_cache.load_cached("k")
+    path = pool_cache.cache_directory("k") / "examples.arrow"
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    for index, chunk in enumerate(chunks):
+        assert isinstance(chunk.ids, pool_cache.FileColumn) and isinstance(chunk.labels, pool_cache.FileColumn)
+        batch = reader.get_batch(index)
+        expected_ids = batch.column("input_ids").values.to_numpy()
+        expected_labels = batch.column("labels").values.to_numpy()
+        for start, end in [(0, len(expected_ids)), (3, 40), (len(expected_ids) - 5, len(expected_ids)), (9, 9)]:
+            assert np.array_equal(chunk.ids[start:end], expected_ids[start:end])
+            assert np.array_equal(chunk.labels[start:end], expected_labels[start:end])
+    os.truncate(path, chunks[-1].ids.byte_offset + 8)
+    with pytest.raises(OSError, match="short read"):
+        chunks[-1].ids[0:20]

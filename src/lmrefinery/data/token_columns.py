@@ -31,7 +31,7 @@ class TokenizedExample:
 class TokenChunk:
     """Consecutive examples of one source: example j is ids[offsets[j]:offsets[j + 1]] (labels alike)."""
 
-    ids: np.ndarray  # int32
+    ids: np.ndarray  # int32 (read from the pool cache: a data.pool_cache.FileColumn, sliced alike)
     labels: np.ndarray  # int32, aligned with ids
     offsets: np.ndarray  # rows + 1 non-decreasing positions into ids / labels
     records: np.ndarray  # int64, the record each example came from
