@@ -131,12 +131,12 @@ def load_child(args) -> dict:
 def _own_peak_kib() -> int:
     """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: on Linux a child starts with its parent's
     ru_maxrss, so after the 10M-pool sampler benchmark (≈ 1 GB in the parent) every child reported that figure."""
-    try:
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS; macOS has no inheritance)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak // 1024 if sys.platform == "darwin" else peak
+    from process_memory import status_kib
+
+    if "VmHWM" in (status := status_kib()):
+        return status["VmHWM"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: macOS, whose ru_maxrss is in bytes
+    return peak // 1024 if sys.platform == "darwin" else peak
 
 
 def _baseline_checkout(revision: str, directory: Path) -> Path:

@@ -25,12 +25,9 @@ from pathlib import Path
 
 def _memory() -> dict:
     """Peak and current RSS and its anonymous / file-backed parts, in MB (Linux /proc)."""
-    fields = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            key, value = line.split(":", 1)
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                fields[key] = round(int(value.split()[0]) / 1024)
+    from process_memory import status_kib
+
+    fields = {key: round(value / 1024) for key, value in status_kib().items()}
     return {"peak_mb": fields["VmHWM"], "rss_mb": fields["VmRSS"], "anon_mb": fields["RssAnon"],
             "file_mb": fields["RssFile"]}
 
@@ -81,6 +78,9 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args)))
         return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from data_scale import _baseline_checkout, write_source
+
     root = Path(__file__).resolve().parents[1]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -88,18 +88,13 @@ def main() -> None:
     if size.exists() and int(size.read_text()) != args.examples:
         sys.exit(f"{work} holds a source of {size.read_text()} examples, not {args.examples}: use another --work")
     if not source.exists():
-        sys.path.insert(0, str(Path(__file__).parent))
-        from data_scale import write_source
-
         write_source(source, args.examples)
     size.write_text(str(args.examples))
     env = dict(os.environ, LMREFINERY_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:
         code = {"this": root}
         if args.baseline:
-            subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", f"{tmp}/baseline", args.baseline],
-                           check=True, capture_output=True)
-            code["baseline"] = Path(tmp) / "baseline"
+            code["baseline"] = _baseline_checkout(args.baseline, Path(tmp) / "baseline")
         report = {"examples": args.examples, "tokenizer": args.tokenizer, "batch": args.batch,
                   "batches": args.batches}
         try:
