@@ -2,7 +2,8 @@
 
 For every finished `reweight` run in or under the given directories (one with its weights.json; runs still going
 are skipped): the top-weighted source, its mean λ-gradient and block-mean signal-to-noise over the last quarter of the
-steps, the threshold, and whether the run counts as settled.
+steps, the threshold, whether it is pushed up there or the weights are on a plateau (pushed up in an earlier window,
+and the last window moved them less than a tenth of the way before it), and whether the run counts as settled.
 
     python bench/settle_guard.py results/evidence-a/mixture results/evidence-b/mixture
 """
@@ -37,6 +38,9 @@ def main() -> None:
                 "top_source": top, "top_weight": round(weights[top], 3),
                 "top_mean_gradient": round(signal["mean_gradient"][top], 4),
                 "top_snr": round(signal["snr"][top], 2), "threshold": round(signal["threshold"], 2),
+                "pushed": signal["pushed"], "earlier_push": signal["earlier_push"],
+                "moved_last_window": round(signal["moved_last_window"], 4),
+                "moved_before": round(signal["moved_before"], 4), "plateau": signal["plateau"],
                 "settled": signal["settled"],
                 "sources_above_threshold": [n for n, v in signal["snr"].items() if v >= signal["threshold"]]}
     print(json.dumps(report, indent=2))

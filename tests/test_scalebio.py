@@ -253,3 +253,73 @@ def test_alignment_is_the_cosine_of_w_minus_u_and_the_negative_validation_gradie
         assert seen[-1] == pytest.approx(expected, abs=1e-9)
     assert len({round(value, 6) for value in seen}) > 1
     assert torch.equal(core.logits, plain.logits) and torch.equal(core.upper_model.weight, plain.upper_model.weight)
+
+
+def _adam_runs(gradient_at, trials: int, steps: int, sources: int, lr: float = 0.05):
+    """λ trained by Adam (the formula of torch.optim.Adam, run for many trials at once) on the λ-gradients
+    `gradient_at(step, λ)` gives ([trials, K]); returns the gradients [trials, steps, K] and the weights softmax(λ)
+    [trials, steps + 1, K], the first row before any step — what a `reweight` run logs."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    logits = torch.zeros(trials, sources, dtype=torch.float64)
+    first, second = torch.zeros_like(logits), torch.zeros_like(logits)
+    gradients, weights = [], [torch.softmax(logits, dim=1)]
+    for step in range(1, steps + 1):
+        gradient = gradient_at(step, logits)
+        first = beta1 * first + (1 - beta1) * gradient
+        second = beta2 * second + (1 - beta2) * gradient ** 2
+        logits = logits - lr * (first / (1 - beta1 ** step)) / ((second / (1 - beta2 ** step)).sqrt() + eps)
+        gradients.append(gradient)
+        weights.append(torch.softmax(logits, dim=1))
+    return torch.stack(gradients, dim=1), torch.stack(weights, dim=1)
+
+
+def test_the_adam_runs_of_the_settle_guard_tests_are_torch_adam():
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    _, weights = _adam_runs(lambda step, logits: noise[step - 1].unsqueeze(0), 1, 30, 4)
+    logits = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    for gradient in noise:
+        logits.grad = gradient.clone()
+        optimizer.step()
+    torch.testing.assert_close(weights[0, -1], torch.softmax(logits.detach(), dim=0))
+
+
+def _verdicts(gradients, weights):
+    from lmrefinery.scalebio import settle_verdict
+
+    return [settle_verdict(g, w) for g, w in zip(gradients, weights)]
+
+
+def test_settle_guard_accepts_a_plateau_reached_by_a_push_and_not_noise_that_stalls():
+    """At a fixed point of λ nothing is pushed, so the push rule alone warns there as it does under noise. Designed
+    runs of Adam on λ: a push to a fixed point (a restoring λ-gradient κ(λ − λ*) plus batch noise) must count as
+    settled — mostly through the plateau rule; pure noise (independent or AR(1)-correlated, 3 or 6 sources) must
+    not pass as a plateau; nor a noise walk that stops (λ-gradients 0 over the second half): it has stopped, but was
+    never pushed."""
+    steps, trials = 200, 200
+    generator = torch.Generator().manual_seed(2)
+    target = torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # reached in ≈ 80 steps: 0.92
+
+    def towards_target(step, logits):
+        return 10.0 * (logits - target) + torch.randn(logits.shape, generator=generator, dtype=torch.float64)
+
+    plateau = _verdicts(*_adam_runs(towards_target, trials, steps, 6))
+    assert sum(v.settled for v in plateau) >= 0.9 * trials
+    assert sum(v.plateau and not v.pushed for v in plateau) >= 0.8 * trials
+    assert all(v.top == 0 for v in plateau)
+    for sources in (3, 6):
+        for phi in (0.0, 0.8):
+            noise = torch.stack([_ar1(steps, sources, phi, generator) for _ in range(trials)])
+            verdicts = _verdicts(*_adam_runs(lambda step, logits: noise[:, step - 1], trials, steps, sources))
+            assert sum(v.plateau for v in verdicts) <= (0.02 if phi == 0 else 0.08) * trials, (sources, phi)
+    noise = torch.randn(trials, steps, 6, generator=generator, dtype=torch.float64)
+    noise[:, steps // 2:] = 0.0  # Adam's momentum has died out before the last quarter
+    stalled = _verdicts(*_adam_runs(lambda step, logits: noise[:, step - 1], trials, steps, 6))
+    assert sum(v.moved_window < 0.1 * v.moved_before for v in stalled) >= 0.5 * trials
+    assert sum(v.settled for v in stalled) <= 0.05 * trials
+    # a push that runs to the end is still the push rule's case
+    push = torch.randn(trials, steps, 6, generator=generator, dtype=torch.float64)
+    push[:, :, 0] -= 1.0
+    pushed = _verdicts(*_adam_runs(lambda step, logits: push[:, step - 1], trials, steps, 6))
+    assert all(v.pushed and v.settled for v in pushed)

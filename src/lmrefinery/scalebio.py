@@ -111,6 +111,67 @@ def weights_settled(signal: GradientSignal, weights: torch.Tensor, level: float 
     return bool(signal.mean[top] < 0 and signal.snr[top] >= threshold)
 
 
+PLATEAU_SHARE = 0.1  # the weights have stopped when their last window moved them less than this share of the way before
+
+
+class SettleVerdict(NamedTuple):
+    """The settle guard's reading of a run (`settle_verdict`)."""
+    window: int            # steps in the last window (the last quarter of the run, at least 2)
+    signal: GradientSignal  # each source's λ-gradient signal-to-noise over that window
+    threshold: float        # what the top source's signal-to-noise must reach (K-Bonferroni)
+    top: int                # the source holding the most weight at the end
+    pushed: bool            # the top source pushed up consistently over the last window
+    moved_window: float     # total variation between the weights at the window's start and at the end
+    moved_before: float     # total variation between the starting weights and those at the window's start
+    earlier_push: bool      # the top source pushed up consistently over one of the (up to 3) windows before it
+
+    @property
+    def plateau(self) -> bool:
+        return self.earlier_push and self.moved_window < PLATEAU_SHARE * self.moved_before
+
+    @property
+    def settled(self) -> bool:
+        return self.pushed or self.plateau
+
+
+def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(0.5 * (a.double() - b.double()).abs().sum())
+
+
+def _pushed_up(gradients: torch.Tensor, top: int, sources: int, level: float) -> tuple[GradientSignal, float, bool]:
+    signal = gradient_signal_to_noise(gradients)
+    threshold = signal_threshold(sources, signal.dof, level)
+    return signal, threshold, bool(signal.mean[top] < 0 and signal.snr[top] >= threshold)
+
+
+def settle_verdict(gradients: torch.Tensor, trajectory: torch.Tensor, level: float = SIGNAL_LEVEL) -> SettleVerdict:
+    """Whether a run's weights carry a signal, from its λ-gradients ([N, K], one row per step) and weights
+    ([N + 1, K]: before the first step, then after each).
+
+    Settled either way the top source's lead can come from the data:
+    - **pushed**: over the last window (the last quarter, ≥ 2 steps) the top source's λ-gradient is negative with a
+      signal-to-noise above the K-corrected threshold (`weights_settled`);
+    - **plateau**: at a fixed point of λ nothing is pushed any more, so the first rule warns there as it does under
+      noise. A plateau is told from noise by two things together: the top source *was* pushed up consistently over
+      one of the three windows before the last (Bonferroni over the sources and those windows, so pure noise passes
+      with probability ≤ `level`), and the weights have since stopped — the last window moved them (total variation)
+      less than `PLATEAU_SHARE` of their movement up to it. Under noise Adam's normalised steps make λ a random walk
+      whose last quarter moves it about half as far as the rest of the run; after a push that reached a fixed point
+      the last window moves it little."""
+    gradients, trajectory = gradients.double(), trajectory.double()
+    steps, sources = gradients.shape
+    window = max(2, steps // 4)
+    top = int(torch.argmax(trajectory[-1]))
+    signal, threshold, pushed = _pushed_up(gradients[steps - window:], top, sources, level)
+    earlier = [gradients[steps - (j + 1) * window: steps - j * window] for j in range(1, 4)
+               if steps - (j + 1) * window >= 0]
+    earlier_push = any(_pushed_up(chunk, top, sources * len(earlier), level)[2] for chunk in earlier)
+    start = max(0, steps - window)
+    return SettleVerdict(window=min(window, steps), signal=signal, threshold=threshold, top=top, pushed=pushed,
+                         moved_window=total_variation(trajectory[start], trajectory[-1]),
+                         moved_before=total_variation(trajectory[0], trajectory[start]), earlier_push=earlier_push)
+
+
 def _local_gradients(model: nn.Module) -> list[torch.Tensor | None]:
     return [None if p.grad is None else local_shard(p.grad).detach().double().clone() for p in model.parameters()]
 

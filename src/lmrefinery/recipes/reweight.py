@@ -25,8 +25,7 @@ from lmrefinery.models.lora import AdapterView
 from lmrefinery.plots import line_plot
 from lmrefinery.recipes.common import (accumulation_steps, begin_training_run, close_trackers, load_data, make_lisa,
                                        open_trackers, total_steps, trainable_model)
-from lmrefinery.scalebio import (SIGNAL_LEVEL, ScaleBiO, gradient_signal_to_noise, signal_threshold,
-                                 weights_settled)
+from lmrefinery.scalebio import PLATEAU_SHARE, SIGNAL_LEVEL, ScaleBiO, settle_verdict
 from lmrefinery.train.distributed import all_reduce_sum
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import example_loss_sums
@@ -171,18 +170,37 @@ def weight_trajectory(output_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def lambda_gradient_signal(rows: list[dict], names: list[str], weights: list[float]) -> dict:
-    """Per source, the signal-to-noise of its λ-gradient over the last quarter of the steps (at least 2), and whether
-    the top-weighted source's lead is backed by a consistent push (scalebio.weights_settled)."""
-    logged = [row["weight_gradient"] for row in rows if "weight_gradient" in row]
-    window = logged[-max(2, len(logged) // 4):]
-    signal = gradient_signal_to_noise(torch.tensor([[row[n] for n in names] for row in window], dtype=torch.float64)
-                                      if window else torch.zeros((0, len(names))))
-    weights_tensor = torch.tensor(weights, dtype=torch.float64)
-    top = names[int(torch.argmax(weights_tensor))]
-    return {"window_steps": len(window), "blocks": signal.dof + 1, "snr": dict(zip(names, signal.snr.tolist())),
-            "mean_gradient": dict(zip(names, signal.mean.tolist())), "top_source": top,
-            "settled": weights_settled(signal, weights_tensor), "level": SIGNAL_LEVEL,
-            "threshold": signal_threshold(len(names), signal.dof)}
+    """The settle guard on a run's logged steps (scalebio.settle_verdict): per source, the signal-to-noise of its
+    λ-gradient over the last quarter of the steps (at least 2); whether the top-weighted source is pushed up there, or
+    was pushed up before and the weights have since stopped (a plateau). `weights`: the final ones (λ starts at 0, so
+    the weights before the first step are uniform)."""
+    logged = [row for row in rows if "weight_gradient" in row and isinstance(row.get("weights"), dict)]
+    gradients = torch.tensor([[row["weight_gradient"][n] for n in names] for row in logged],
+                             dtype=torch.float64).reshape(len(logged), len(names))
+    uniform = [1.0 / len(names)] * len(names)
+    trajectory = torch.tensor([uniform] + [[row["weights"][n] for n in names] for row in logged] if logged
+                              else [weights], dtype=torch.float64)
+    verdict = settle_verdict(gradients, trajectory)
+    return {"window_steps": verdict.window, "blocks": verdict.signal.dof + 1,
+            "snr": dict(zip(names, verdict.signal.snr.tolist())),
+            "mean_gradient": dict(zip(names, verdict.signal.mean.tolist())), "top_source": names[verdict.top],
+            "pushed": verdict.pushed, "plateau": verdict.plateau, "settled": verdict.settled,
+            "earlier_push": verdict.earlier_push, "moved_last_window": verdict.moved_window,
+            "moved_before": verdict.moved_before, "plateau_share": PLATEAU_SHARE,
+            "level": SIGNAL_LEVEL, "threshold": verdict.threshold}
+
+
+def settle_sentence(signal: dict) -> str:
+    """The guard's verdict in report.md's words."""
+    top = signal["top_source"]
+    if signal["pushed"]:
+        return f"Settled: the top-weighted source ({top}) is pushed up consistently."
+    if signal["plateau"]:
+        return (f"Settled on a plateau: the top-weighted source ({top}) was pushed up consistently earlier, and the "
+                f"last window moved the weights {signal['moved_last_window']:.3f} (total variation) against "
+                f"{signal['moved_before']:.3f} before it.")
+    return (f"**Not settled**: the top-weighted source ({top}) is not pushed up consistently, and the weights are not "
+            "on a plateau; see the warning in the log.")
 
 
 def warn_if_unsettled(signal: dict) -> bool:
@@ -191,10 +209,13 @@ def warn_if_unsettled(signal: dict) -> bool:
     top = signal["top_source"]
     log.warning("the weights have not settled: over the last %d steps the top-weighted source %s is not pushed up "
                 "consistently (λ-gradient signal-to-noise %.2f, threshold %.2f for %d sources at family-wise level "
-                "%g), so the ranking's top reflects batch noise more than the data. Try more steps (train.steps), "
+                "%g), nor are they on a plateau (pushed up consistently in an earlier window: %s; the last window "
+                "moved the weights %.3f in total variation against %.3f before it, a plateau needs under %g of it), "
+                "so the ranking's top reflects batch noise more than the data. Try more steps (train.steps), "
                 "train.sampling=stratified (every source in every batch) or a larger train.batch_size.",
                 signal["window_steps"], top, signal["snr"][top], signal["threshold"], len(signal["snr"]),
-                signal["level"])
+                signal["level"], "yes" if signal["earlier_push"] else "no", signal["moved_last_window"],
+                signal["moved_before"], signal["plateau_share"])
     return True
 
 
@@ -250,9 +271,7 @@ def write_outputs(output_dir: Path, config: ReweightConfig, pool: SourcePool, co
         f"{signal['blocks']} block means; ≥ {signal['threshold']:.2f} is a consistent push at family-wise level "
         f"{signal['level']:g} over the sources): "
         + ", ".join(f"{n} {v:.2f}" for n, v in signal["snr"].items())
-        + (f". Settled: the top-weighted source ({signal['top_source']}) is pushed up consistently."
-           if signal["settled"] else f". **Not settled**: the top-weighted source ({signal['top_source']}) is not "
-           "pushed up consistently; see the warning in the log."), "",
+        + ". " + settle_sentence(signal), "",
         f"With Adam on λ each logit moves about lr_λ per step at most, so over these {steps} steps under the "
         f"{config.train.schedule} schedule no logit can have moved more than ≈ {movement_bound:.3g} from 0 "
         f"(a weight ratio of at most ≈ e^{2 * movement_bound:.3g} between two sources).", "",
