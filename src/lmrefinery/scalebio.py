@@ -106,8 +106,11 @@ def weights_settled(signal: GradientSignal, weights: torch.Tensor, level: float 
     λ-gradient negative, with a signal-to-noise above the K-corrected threshold): then its lead comes from the data.
     Some other source being pushed consistently is not enough — one noise source driven steadily down says nothing
     about whether the top of the ranking is more than the order the batches happened to arrive in."""
-    top = int(torch.argmax(weights))
-    threshold = signal_threshold(len(weights), signal.dof, level)
+    return _top_pushed_up(signal, int(torch.argmax(weights)), signal_threshold(len(weights), signal.dof, level))
+
+
+def _top_pushed_up(signal: GradientSignal, top: int, threshold: float) -> bool:
+    """λ descends, so a negative mean λ-gradient pushes the source's weight up."""
     return bool(signal.mean[top] < 0 and signal.snr[top] >= threshold)
 
 
@@ -141,7 +144,7 @@ def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
 def _pushed_up(gradients: torch.Tensor, top: int, sources: int, level: float) -> tuple[GradientSignal, float, bool]:
     signal = gradient_signal_to_noise(gradients)
     threshold = signal_threshold(sources, signal.dof, level)
-    return signal, threshold, bool(signal.mean[top] < 0 and signal.snr[top] >= threshold)
+    return signal, threshold, _top_pushed_up(signal, top, threshold)
 
 
 def settle_verdict(gradients: torch.Tensor, trajectory: torch.Tensor, level: float = SIGNAL_LEVEL) -> SettleVerdict:
