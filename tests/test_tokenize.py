@@ -2,6 +2,7 @@
 
 import pytest
 
+from lmrefinery.data.files import BadRecord
 from lmrefinery.data.formats import Conversation, Message
 from lmrefinery.data.tokenize import IGNORE_INDEX, ChatEncoder
 from lmrefinery.errors import UserError
@@ -60,6 +61,27 @@ def test_default_system_prompt_of_the_template_is_kept(tokenizer):
     custom = ChatEncoder(tokenizer, system_prompt="Be terse.").encode(SINGLE, "test")
     assert "Be terse." in tokenizer.decode(custom.input_ids)
     assert "tiny test model" not in tokenizer.decode(custom.input_ids)
+
+
+def test_a_batch_renders_each_conversation_as_alone_and_isolates_the_records_the_template_rejects():
+    # A template that refuses system turns (as some do); the batch also holds a conversation opening with an assistant
+    # turn, whose empty prompt apply_chat_template rejects. Both become BadRecords in their place; the others are
+    # encoded exactly, each the same as the reference rendering of it alone.
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns here') }}"
+                "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer = tiny_tokenizer(template)
+    assistant_first = _conversation(("assistant", "Hello."), ("user", "Hi."), ("assistant", "Bye."))
+    two_turns = _conversation(*[(m.role, m.content) for m in MULTI.messages[1:]])
+    items = [(SINGLE, "a.jsonl:1"), (MULTI, "a.jsonl:2"), (two_turns, "a.jsonl:3"), (assistant_first, "a.jsonl:4"),
+             (SINGLE, "a.jsonl:5")]
+    results = ChatEncoder(tokenizer).encode_many(items)
+    assert [isinstance(r, BadRecord) for r in results] == [False, True, False, True, False]
+    assert results[1].location == "a.jsonl:2" and "no system turns here" in results[1].problem
+    assert results[3].location == "a.jsonl:4" and "rejects" in results[3].problem
+    for index in (0, 2, 4):
+        expected_ids, expected_labels = _expected_labels_from_text(tokenizer, items[index][0])
+        assert (results[index].input_ids, results[index].labels) == (expected_ids, expected_labels)
 
 
 def test_fallback_without_template_has_exact_boundaries():

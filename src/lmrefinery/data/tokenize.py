@@ -65,13 +65,15 @@ class ChatEncoder:
         return result
 
     def encode_many(self, items: list[tuple[Example, str]]) -> list[Encoded | BadRecord]:
-        """`encode` for many examples at once: every text is rendered first and all are tokenised in one batched
-        call of the (Rust, multi-threaded) fast tokenizer — the same ids as one call per text, several times the
-        throughput. A record the template rejects comes back as its BadRecord, in its place; a template that is not
-        prefix-stable is an error for the whole source."""
-        plans: list[_Plan | Encoded | BadRecord] = []
+        """`encode` for many examples at once: every text is rendered first — all conversations in two
+        `apply_chat_template` calls, so its per-call set-up is paid once — and all are tokenised in one batched call of
+        the (Rust, multi-threaded) fast tokenizer: the same ids as one call per text, several times the throughput.
+        A record the template rejects comes back as its BadRecord, in its place; a template that is not prefix-stable
+        is an error for the whole source."""
+        plans: list[_Plan | Encoded | BadRecord | None] = []
         texts: list[str] = []
         plain_texts: list[int] = []  # indices in `texts` of plain-text examples (tokenised with special tokens)
+        chats: list[tuple[int, tuple[Message, ...], str]] = []  # (place in `plans`, messages, location)
         for example, location in items:
             if isinstance(example, PlainText):
                 plans.append(_Plan(location, None, [len(texts)]))
@@ -80,7 +82,10 @@ class ChatEncoder:
             elif not self.uses_template:
                 plans.append(self._encode_fallback(self._with_system(example.messages)))
             else:
-                plans.append(self._plan_template(self._with_system(example.messages), location, texts))
+                chats.append((len(plans), self._with_system(example.messages), location))
+                plans.append(None)
+        for place, plan in self._plan_templates(chats, texts):
+            plans[place] = plan
         token_lists = self._tokenize_texts(texts, plain_texts)
         results: list[Encoded | BadRecord] = []
         for plan in plans:
@@ -101,7 +106,9 @@ class ChatEncoder:
         ids: list[list[int]] = [[] for _ in texts]
         for indices, special in ((rendered, False), (with_special_tokens, True)):
             if indices:
-                encoded = self.tokenizer([texts[i] for i in indices], add_special_tokens=special)["input_ids"]
+                # only the ids: the masks would be converted to Python lists too and thrown away
+                encoded = self.tokenizer([texts[i] for i in indices], add_special_tokens=special,
+                                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
                 for index, token_ids in zip(indices, encoded):
                     ids[index] = list(token_ids)
         return ids
@@ -126,27 +133,75 @@ class ChatEncoder:
             [{"role": m.role, "content": m.content} for m in messages],
             tokenize=True, add_generation_prompt=generation_prompt, return_dict=False))
 
+    def _render_texts(self, conversations: list[tuple[Message, ...]], generation_prompt: bool) -> list[str]:
+        return self.tokenizer.apply_chat_template(
+            [[{"role": m.role, "content": m.content} for m in messages] for messages in conversations],
+            tokenize=False, add_generation_prompt=generation_prompt)
+
     def _render_text(self, messages: tuple[Message, ...], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             tokenize=False, add_generation_prompt=generation_prompt)
 
-    def _plan_template(self, messages: tuple[Message, ...], location: str, texts: list[str]) -> "_Plan | BadRecord":
-        """Render the whole conversation and, per assistant turn, the prompt before it and the text through it
-        (the last turn's "through" is the whole conversation: not rendered twice); the texts go to `texts`."""
-        try:
-            rendered = [self._render_text(messages, generation_prompt=False)]
+    def _render_each(self, requests: list[tuple[tuple[Message, ...], bool]]) -> list[str | Exception]:
+        """The text of every (conversation, generation prompt?) request, or the exception the template raised for it.
+        One batched call per flag; a conversation is rendered on its own when it is empty (an assistant turn with no
+        prompt: `apply_chat_template` rejects it alone, not inside a batch) or when its batch failed, to find the
+        culprits."""
+        rendered: list[str | Exception] = [""] * len(requests)
+        alone: list[int] = [i for i, (messages, _) in enumerate(requests) if not messages]
+        for flag in (False, True):
+            chosen = [i for i, (messages, generation_prompt) in enumerate(requests)
+                      if messages and generation_prompt is flag]
+            if not chosen:
+                continue
+            try:
+                outputs = self._render_texts([requests[i][0] for i in chosen], flag)
+            except Exception:  # jinja raises for roles a template rejects (e.g. a system turn)
+                alone.extend(chosen)
+                continue
+            for i, output in zip(chosen, outputs):
+                rendered[i] = output
+        for i in alone:
+            try:
+                rendered[i] = self._render_text(*requests[i])
+            except Exception as exc:
+                rendered[i] = exc
+        return rendered
+
+    def _plan_templates(self, chats: list[tuple[int, tuple[Message, ...], str]], texts: list[str]):
+        """For each conversation: render the whole of it and, per assistant turn, the prompt before the turn and the
+        text through it; the texts go to `texts`, and (place, `_Plan` or BadRecord) pairs come back. The last turn's
+        "through" is the whole conversation: neither rendered nor tokenised twice (its index is the whole's)."""
+        requests: list[tuple[tuple[Message, ...], bool]] = []
+        layouts: list[list[int]] = []  # per conversation: its requests, in `_assemble_template`'s order
+        for _, messages, _ in chats:
+            layout = [len(requests)]
+            requests.append((messages, False))
             last = len(messages) - 1
             for index, message in enumerate(messages):
-                if message.role == "assistant":
-                    rendered.append(self._render_text(messages[:index], generation_prompt=True))
-                    rendered.append(rendered[0] if index == last else
-                                    self._render_text(messages[: index + 1], generation_prompt=False))
-        except Exception as exc:  # jinja raises for roles a template rejects (e.g. a system turn)
-            return BadRecord(location, f"the chat template rejects this conversation ({exc})")
-        plan = _Plan(location, messages, list(range(len(texts), len(texts) + len(rendered))))
-        texts.extend(rendered)
-        return plan
+                if message.role != "assistant":
+                    continue
+                layout.append(len(requests))
+                requests.append((messages[:index], True))
+                if index == last:
+                    layout.append(layout[0])
+                else:
+                    layout.append(len(requests))
+                    requests.append((messages[: index + 1], False))
+            layouts.append(layout)
+        rendered = self._render_each(requests)
+        for (place, messages, location), layout in zip(chats, layouts):
+            failure = next((rendered[i] for i in layout if isinstance(rendered[i], Exception)), None)
+            if failure is not None:
+                yield place, BadRecord(location, f"the chat template rejects this conversation ({failure})")
+                continue
+            text_index: dict[int, int] = {}
+            for request in layout:
+                if request not in text_index:
+                    text_index[request] = len(texts)
+                    texts.append(rendered[request])
+            yield place, _Plan(location, messages, [text_index[request] for request in layout])
 
     def _assemble_template(self, plan: "_Plan", token_lists: list[list[int]]) -> Encoded:
         messages, full = plan.messages, token_lists[0]
