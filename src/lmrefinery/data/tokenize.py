@@ -84,7 +84,7 @@ class ChatEncoder:
             else:
                 chats.append((len(plans), self._with_system(example.messages), location))
                 plans.append(None)
-        for place, plan in self._plan_templates(chats, texts):
+        for (place, _, _), plan in zip(chats, self._plan_templates(chats, texts)):
             plans[place] = plan
         token_lists = self._tokenize_texts(texts, plain_texts)
         results: list[Encoded | BadRecord] = []
@@ -128,19 +128,23 @@ class ChatEncoder:
             return (Message("system", self.system_prompt),) + messages
         return messages
 
+    @staticmethod
+    def _message_dicts(messages: tuple[Message, ...]) -> list[dict]:
+        return [{"role": m.role, "content": m.content} for m in messages]
+
     def _render(self, messages: tuple[Message, ...], generation_prompt: bool) -> list[int]:
         return list(self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
+            self._message_dicts(messages),
             tokenize=True, add_generation_prompt=generation_prompt, return_dict=False))
 
     def _render_texts(self, conversations: list[tuple[Message, ...]], generation_prompt: bool) -> list[str]:
         return self.tokenizer.apply_chat_template(
-            [[{"role": m.role, "content": m.content} for m in messages] for messages in conversations],
+            [self._message_dicts(messages) for messages in conversations],
             tokenize=False, add_generation_prompt=generation_prompt)
 
     def _render_text(self, messages: tuple[Message, ...], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
+            self._message_dicts(messages),
             tokenize=False, add_generation_prompt=generation_prompt)
 
     def _render_each(self, requests: list[tuple[tuple[Message, ...], bool]]) -> list[str | Exception]:
@@ -169,9 +173,10 @@ class ChatEncoder:
                 rendered[i] = exc
         return rendered
 
-    def _plan_templates(self, chats: list[tuple[int, tuple[Message, ...], str]], texts: list[str]):
+    def _plan_templates(self, chats: list[tuple[int, tuple[Message, ...], str]],
+                        texts: list[str]) -> list["_Plan | BadRecord"]:
         """For each conversation: render the whole of it and, per assistant turn, the prompt before the turn and the
-        text through it; the texts go to `texts`, and (place, `_Plan` or BadRecord) pairs come back. The last turn's
+        text through it; the texts go to `texts`, and one `_Plan` (or BadRecord) per conversation comes back. The last turn's
         "through" is the whole conversation: neither rendered nor tokenised twice (its index is the whole's)."""
         requests: list[tuple[tuple[Message, ...], bool]] = []
         layouts: list[list[int]] = []  # per conversation: its requests, in `_assemble_template`'s order
@@ -191,17 +196,19 @@ class ChatEncoder:
                     requests.append((messages[: index + 1], False))
             layouts.append(layout)
         rendered = self._render_each(requests)
-        for (place, messages, location), layout in zip(chats, layouts):
+        plans: list[_Plan | BadRecord] = []
+        for (_, messages, location), layout in zip(chats, layouts):
             failure = next((rendered[i] for i in layout if isinstance(rendered[i], Exception)), None)
             if failure is not None:
-                yield place, BadRecord(location, f"the chat template rejects this conversation ({failure})")
+                plans.append(BadRecord(location, f"the chat template rejects this conversation ({failure})"))
                 continue
             text_index: dict[int, int] = {}
             for request in layout:
                 if request not in text_index:
                     text_index[request] = len(texts)
                     texts.append(rendered[request])
-            yield place, _Plan(location, messages, [text_index[request] for request in layout])
+            plans.append(_Plan(location, messages, [text_index[request] for request in layout]))
+        return plans
 
     def _assemble_template(self, plan: "_Plan", token_lists: list[list[int]]) -> Encoded:
         messages, full = plan.messages, token_lists[0]
