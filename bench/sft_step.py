@@ -16,6 +16,9 @@ Shapes: `--shape mcq` (multiple-choice-like: a question and a two-word reply) an
 reasoning-gym families and KJV passages, as `compare` builds them).
 
 `--packing` adds lmrefinery with `train.packing: true` (examples several to a row, exact; docs/sft.md#packing).
+`--previous` adds lmrefinery with the kernels it used before 2026-12-05 (SDPA attention, multi-tensor AdamW), for a
+before / after in one run; `--anchor-attention eager` gives the HF Trainer and TRL the eager attention that
+lmrefinery's `attn_implementation: auto` picks for short rows on CPU (their default is SDPA).
 
 `--levers` also measures lmrefinery with its speed levers switched off and on one at a time: the LM head applied at
 every position (`full-logits`, how it was before) vs only where a label exists (`head-at-labels`), and fp32 vs bf16
@@ -118,21 +121,27 @@ def lmrefinery_step_times(model_dir: Path, data: Path, root: Path, args, round_i
     from lmrefinery.train import losses
     from lmrefinery.train.run_dir import read_metrics
 
-    precision, head, *packed = variant.split("/")
-    original = losses.response_logits
+    from lmrefinery.train import optim
+
+    precision, head, *flags = variant.split("/")
+    original, original_kernel = losses.response_logits, optim._adamw_kernel
     if head == "full-logits":
         losses.response_logits = _full_logits
+    model = {"name_or_path": str(model_dir), "precision": precision}
+    if "previous-kernels" in flags:  # before 2026-12-05: SDPA attention, multi-tensor (foreach) AdamW
+        model["attn_implementation"] = "sdpa"
+        optim._adamw_kernel = lambda params: {"foreach": True}
     out = root / f"lmrefinery-{round_index}-{variant.replace('/', '-')}"
     config = validate_config(SFTConfig, {
-        "output_dir": str(out), "model": {"name_or_path": str(model_dir), "precision": precision},
+        "output_dir": str(out), "model": model,
         "data": {"sources": [{"name": "data", "path": str(data)}], "max_length": args.max_length},
         "sampling": {"strategy": "proportional"}, "save_model": False,
         "train": {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.batch, "lr": 1e-5,
-                  "warmup_steps": 0, "checkpoint_every": 10 ** 6, "keep_last": 1, "packing": packed == ["packed"]}})
+                  "warmup_steps": 0, "checkpoint_every": 10 ** 6, "keep_last": 1, "packing": "packed" in flags}})
     try:
         sft.run(config)
     finally:
-        losses.response_logits = original
+        losses.response_logits, optim._adamw_kernel = original, original_kernel
     times = [m["time"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     return [b - a for a, b in zip(times, times[1:])]
 
@@ -176,10 +185,13 @@ def _common_arguments(root: Path, name: str, args) -> dict:
                 dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=args.precision == "bf16")
 
 
+ANCHOR_ATTENTION = "sdpa"  # transformers' default; --anchor-attention eager gives the anchors our CPU kernel
+
+
 def _fp32_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=ANCHOR_ATTENTION)
 
 
 def hf_trainer_step_times(model_dir: Path, data: Path, root: Path, args, round_index: int) -> list[float]:
@@ -246,9 +258,15 @@ def main() -> None:
     parser.add_argument("--reply-words", type=int, default=None, help="words per reply (default: --words)")
     parser.add_argument("--trl", action="store_true", help="also TRL's SFTTrainer (pip install -e .[bench])")
     parser.add_argument("--levers", action="store_true", help="also lmrefinery without / with each speed lever")
+    parser.add_argument("--previous", action="store_true",
+                        help="also lmrefinery with the kernels it used before 2026-12-05 (SDPA, foreach AdamW)")
+    parser.add_argument("--anchor-attention", choices=["sdpa", "eager"], default="sdpa",
+                        help="attention kernel of the HF Trainer and TRL models (default: transformers' own)")
     parser.add_argument("--packing", action="store_true",
                         help="also lmrefinery with train.packing (several examples to a row; docs/sft.md#packing)")
     args = parser.parse_args()
+    global ANCHOR_ATTENTION
+    ANCHOR_ATTENTION = args.anchor_attention
     if args.shape == "mcq":
         args.reply_words = 2
     import logging
@@ -262,6 +280,7 @@ def main() -> None:
         variants = (["fp32/full-logits", "fp32/head-at-labels", "bf16/full-logits", "bf16/head-at-labels"]
                     if args.levers else [f"{args.precision}/head-at-labels"])
         variants += [f"{args.precision}/head-at-labels/packed"] if args.packing else []
+        variants += [f"{args.precision}/head-at-labels/previous-kernels"] if args.previous else []
         ours = {variant: [] for variant in variants}
         theirs: dict[str, list[float]] = {"hf_trainer": [], **({"trl_sft_trainer": []} if args.trl else {})}
         for round_index in range(args.rounds):
@@ -284,7 +303,8 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "non_embedding_parameters": non_embedding, "batch": args.batch,
         "max_length": args.max_length, "shape": args.shape, "mean_tokens_per_example": round(mean_tokens, 1),
-        "precision": args.precision, "gemm_peak_gflops": round(peak / 1e9, 1),
+        "precision": args.precision, "anchor_attention": args.anchor_attention,
+        "gemm_peak_gflops": round(peak / 1e9, 1),
         "steps_measured_each": len(theirs["hf_trainer"]),
         "anchors": {name: figures(times) for name, times in theirs.items()}, "fastest_anchor": fastest_name,
         "lmrefinery": {variant: {**figures(times), "ratio_over_fastest_anchor":

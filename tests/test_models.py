@@ -122,3 +122,49 @@ def test_keep_layers_in_place_builds_the_student_without_a_second_model():
     student = keep_layers(teacher, [0, 2], in_place=True)
     assert student is teacher and len(find_decoder_layers(student)) == 2
     assert [p.data_ptr() for p in find_decoder_layers(student)[1].parameters()] == kept  # the same memory
+
+
+def test_auto_attention_is_eager_only_for_training_on_short_rows_on_cpu(tiny_model_dir):
+    from lmrefinery.models.loading import EAGER_ATTENTION_MAX_TOKENS_CPU as SHORT
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir))
+    assert config.attn_implementation == "auto"
+
+    def kernel(model_config, **kwargs):
+        return load_model(model_config, **kwargs).config._attn_implementation
+
+    assert kernel(config, max_length=SHORT) == "eager"
+    assert kernel(config, max_length=SHORT + 1) == "sdpa"
+    assert kernel(config) == "sdpa"  # the rows' length unknown
+    assert kernel(config, training=False, max_length=64) == "sdpa"
+    assert kernel(config.model_copy(update={"attn_implementation": "sdpa"}), max_length=64) == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_eager_and_sdpa_attention_give_the_same_losses_and_gradients_on_padded_rows(family, tokenizer):
+    """`attn_implementation: auto` switches kernel by device and row length; that must not change what is learned."""
+    import torch
+
+    from lmrefinery.data.collate import collate
+    from lmrefinery.data.formats import Conversation, Message
+    from lmrefinery.data.sources import TokenizedExample
+    from lmrefinery.data.tokenize import ChatEncoder
+    from lmrefinery.train.losses import example_loss_sums
+    from tests.tiny import QA
+
+    encoder = ChatEncoder(tokenizer)
+    examples = [TokenizedExample(*vars(encoder.encode(Conversation((Message("user", q * (1 + i)),
+                                                                     Message("assistant", a))), "t")).values(), 0)
+                for i, (q, a) in enumerate(QA[:3])]
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert not bool(batch.attention_mask.all())  # rows of different lengths: padding the kernels must mask alike
+    results = []
+    for kernel in ("eager", "sdpa"):
+        model = tiny_model(family, vocab_size=len(tokenizer)).eval()
+        model.set_attn_implementation(kernel)
+        sums = example_loss_sums(model, batch, "fp32")[0]
+        sums.sum().backward()
+        results.append((sums.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for name, gradient in results[0][1].items():
+        torch.testing.assert_close(gradient, results[1][1][name], atol=1e-5, rtol=1e-4)

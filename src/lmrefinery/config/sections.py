@@ -14,7 +14,7 @@ from lmrefinery.config.loading import StrictModel, path_field
 
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text2text", "text"]
 Precision = Literal["auto", "fp32", "bf16"]
-Attention = Literal["eager", "sdpa", "flash_attention_2"]
+Attention = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 
 
 class RunConfig(StrictModel):
@@ -49,7 +49,9 @@ class ComputeConfig(StrictModel):
     precision: Precision = Field("auto", description="Compute precision. 'bf16' = bf16 autocast with fp32 master "
                                                      "weights and optimizer state; 'auto' = bf16 where the CPU/GPU "
                                                      "computes it natively (AVX512_BF16, AMX, CUDA), else fp32.")
-    attn_implementation: Attention | None = Field("sdpa", description="Attention kernel passed to transformers.")
+    attn_implementation: Attention | None = Field(
+        "auto", description="Attention kernel passed to transformers. 'auto' = eager when training on CPU with "
+                            "data.max_length <= 384 (faster there), else sdpa.")
     gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing.")
 
 

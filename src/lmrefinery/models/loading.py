@@ -46,10 +46,29 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_model(config: ModelConfig, device: torch.device | str = "cpu", training: bool = True):
+# Up to this many tokens per row, eager attention (plain matmuls + softmax) trains faster on CPU than torch's SDPA
+# kernel; beyond it SDPA wins, by 1.25x at 512 and 1.9x at 1,024 (SmolLM2-135M, 2 cores: docs/benchmarks.md).
+EAGER_ATTENTION_MAX_TOKENS_CPU = 384
+
+
+def attention_kernel(config: ModelConfig, device: torch.device | str, training: bool,
+                     max_length: int | None) -> str | None:
+    """`attn_implementation`, with `auto` resolved: eager for training on CPU when no row is longer than
+    EAGER_ATTENTION_MAX_TOKENS_CPU tokens (`max_length`, the data's cap), SDPA otherwise — for inference too, where
+    eager's lead on CPU ends already near 128 tokens."""
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    short_rows = max_length is not None and max_length <= EAGER_ATTENTION_MAX_TOKENS_CPU
+    on_cpu = config.device_map is None and torch.device(device).type == "cpu"
+    return "eager" if training and on_cpu and short_rows else "sdpa"
+
+
+def load_model(config: ModelConfig, device: torch.device | str = "cpu", training: bool = True,
+               max_length: int | None = None):
     """The model for training in fp32 (master weights; bf16 compute is applied by autocast, never by casting the
     weights); for inference (`training=False`) in `config.load_dtype`. A directory holding a LoRA adapter (peft's
-    format, as `sft`/`distill` with `lora.enabled` write it) loads as its base with the adapter merged."""
+    format, as `sft`/`distill` with `lora.enabled` write it) loads as its base with the adapter merged.
+    `max_length`: the longest row the model will see, for `attn_implementation: auto`."""
     if training and config.load_dtype != "float32":
         raise UserError(f"model.load_dtype={config.load_dtype}: a trained model keeps fp32 master weights (bf16 "
                         f"compute: model.precision); a bfloat16 load is for the teacher pass and evaluation")
@@ -59,12 +78,14 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu", training
         base = adapter.get("base_model_name_or_path")
         if not base:
             raise UserError(f"{location}/adapter_config.json: no base_model_name_or_path to load the adapter onto")
-        merged = load_adapter_merged(load_model(config.model_copy(update={"name_or_path": base}), "cpu", training),
-                                     location)
+        base_config = config.model_copy(update={"name_or_path": base, "attn_implementation": attention_kernel(
+            config, device, training, max_length)})
+        merged = load_adapter_merged(load_model(base_config, "cpu", training), location)
         return merged if config.device_map is not None else merged.to(device)
     kwargs = {"dtype": getattr(torch, config.load_dtype), "trust_remote_code": config.trust_remote_code}
-    if config.attn_implementation is not None:
-        kwargs["attn_implementation"] = config.attn_implementation
+    kernel = attention_kernel(config, device, training, max_length)
+    if kernel is not None:
+        kwargs["attn_implementation"] = kernel
     if config.device_map is not None:
         kwargs["device_map"] = config.device_map
     model = _from_pretrained(AutoModelForCausalLM, location, "model", **kwargs)

@@ -37,12 +37,14 @@ def teacher_model_config(manifest: dict, compute: dict | None = None) -> ModelCo
 def build_student(config: DistillConfig, manifest: dict, device) -> torch.nn.Module:
     compute = config.student.compute() | {"gradient_checkpointing": False}
     if config.student.init == "model":
-        model = load_model(ModelConfig(name_or_path=config.student.name_or_path, **compute), device)
+        model = load_model(ModelConfig(name_or_path=config.student.name_or_path, **compute), device,
+                           max_length=manifest["data"].get("max_length"))
     else:
         blocks_from = config.student.keep_layers_from
         source = (ModelConfig(name_or_path=blocks_from, **compute) if blocks_from
                   else teacher_model_config(manifest, compute))
-        full = load_model(source.model_copy(update={"load_dtype": "float32"}), device)
+        full = load_model(source.model_copy(update={"load_dtype": "float32"}), device,
+                          max_length=manifest["data"].get("max_length"))
         total = len(find_decoder_layers(full))
         keep = config.student.keep_layers or every_nth(total, config.student.keep_every)
         try:

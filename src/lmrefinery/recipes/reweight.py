@@ -91,14 +91,16 @@ def run(config: ReweightConfig, resume: bool | str = False) -> Path:
     val_sampler = MixtureSampler.build(POOLED, validation.names, validation.source_indices(), train.val_batch_size,
                                        config.seed + 1)
 
+    def base_model():
+        return load_model(config.model, env.device, max_length=config.data.max_length)
+
     if config.lora.enabled:  # u and w: two adapters of one frozen base
-        shared = trainable_model(load_model(config.model, env.device), config.lora, env, config.seed,
-                                 adapters=("upper", "lower"))
+        shared = trainable_model(base_model(), config.lora, env, config.seed, adapters=("upper", "lower"))
         upper, lower = AdapterView(shared, "upper"), AdapterView(shared, "lower")
         modules = {"adapters": shared}
     else:  # u and w: two full copies
-        upper = trainable_model(load_model(config.model, env.device), config.lora, env, config.seed)
-        lower = trainable_model(load_model(config.model, env.device), config.lora, env, config.seed)
+        upper = trainable_model(base_model(), config.lora, env, config.seed)
+        lower = trainable_model(base_model(), config.lora, env, config.seed)
         modules = {"lower": lower, "upper": upper}
     core = build_core(config, upper, lower, len(pool.names), steps, env)
     # the optimizers' state is keyed by parameter names of the module that holds the parameters

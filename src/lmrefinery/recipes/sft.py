@@ -20,7 +20,7 @@ def run(config: SFTConfig, resume: bool | str = False) -> Path:
     env, output_dir = begin_training_run(config, resume)
     tokenizer, pool, extras = load_data(config.model, config.data,
                                         {"validation": config.validation.sources if config.validation else []})
-    model = trainable_model(load_model(config.model, env.device), config.lora, env, config.seed)
+    model = trainable_model(load_model(config.model, env.device, max_length=config.data.max_length), config.lora, env, config.seed)
     train_supervised(
         name="sft", config=config, output_dir=output_dir, env=env, model=model, tokenizer=tokenizer, pool=pool,
         sampling=config.sampling, train=config.train, precision=config.model.precision, lisa=config.lisa,

@@ -26,10 +26,22 @@ def build_optimizer(parameters: nn.Module | Iterable[nn.Parameter], *, kind: str
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
               if g["params"]]
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **_adamw_kernel(params))
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr)
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {kind!r}")
+
+
+def _adamw_kernel(params: list[nn.Parameter]) -> dict[str, bool]:
+    """The fused AdamW kernel wherever torch has one for every parameter (CPU and CUDA floating-point tensors), else
+    the multi-tensor one.
+
+    On CPU `foreach` is a loop of per-tensor ops that walks the optimizer state several times per step; the fused
+    kernel walks it once: 0.33 → 0.05 s per step for SmolLM2-135M on 2 cores (docs/benchmarks.md). Both compute the
+    same update up to float rounding, and their state dicts are interchangeable.
+    """
+    fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return {"fused": True} if fusable else {"foreach": True}
 
 
 def build_adamw(model: nn.Module, train: TrainConfig, trainable_only: bool = False) -> torch.optim.AdamW:
