@@ -153,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("task", "preset"):
         if getattr(args, flag, None):
             overrides.append(f"{flag}={getattr(args, flag)}")
+    finished = False
     try:
         config = load_config(config_class(args.command), args.config, overrides)
         if COMMANDS[args.command][1]:
             recipe(args.command).run(config, resume="auto" if args.resume_auto else args.resume)
         else:
             recipe(args.command).run(config)
+        finished = True
     except UserError as exc:
         print(f"lmrefinery {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return UserError.exit_code
     finally:
         release_run_locks()
-        teardown_distributed()
+        teardown_distributed(every_rank_finished=finished)
     return 0
 
 

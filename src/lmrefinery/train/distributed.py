@@ -64,8 +64,14 @@ def setup_distributed() -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(every_rank_finished: bool = False) -> None:
+    """Leave the process group. After a run that every rank finished, meet once more first: a rank that closes its
+    connections while a peer is still inside its last collective can make the peer's gloo threads abort at exit
+    (seen as "terminate called without an active exception" after the outputs were written). After an error the
+    other ranks may never arrive, so no barrier then."""
     if dist.is_initialized():
+        if every_rank_finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
