@@ -18,7 +18,9 @@ reasoning-gym families and KJV passages, as `compare` builds them).
 `--packing` adds lmrefinery with `train.packing: true` (examples several to a row, exact; docs/sft.md#packing).
 `--previous` adds lmrefinery with the kernels it used before 2026-12-05 (SDPA attention, multi-tensor AdamW), for a
 before / after in one run; `--anchor-attention eager` gives the HF Trainer and TRL the eager attention that
-lmrefinery's `attn_implementation: auto` picks for short rows on CPU (their default is SDPA).
+lmrefinery's `attn_implementation: auto` picks for short rows on CPU (their default is SDPA). `--micro N` adds
+lmrefinery with the batch split into micro-batches of N, grouped by length (what it does whenever a batch is split)
+and cut in the sampler's order (`ungrouped`), so the grouping's effect is measured apart from the split's.
 
 `--levers` also measures lmrefinery with its speed levers switched off and on one at a time: the LM head applied at
 every position (`full-logits`, how it was before) vs only where a label exists (`head-at-labels`), and fp32 vs bf16
@@ -121,10 +123,15 @@ def lmrefinery_step_times(model_dir: Path, data: Path, root: Path, args, round_i
     from lmrefinery.train import losses
     from lmrefinery.train.run_dir import read_metrics
 
-    from lmrefinery.train import optim
+    from lmrefinery.train import optim, supervised
 
     precision, head, *flags = variant.split("/")
     original, original_kernel = losses.response_logits, optim._adamw_kernel
+    original_split = supervised.rank_micro_batches
+    micro = next((int(flag[len("micro"):]) for flag in flags if flag.startswith("micro")), args.batch)
+    if "ungrouped" in flags:  # the same micro-batches cut in the sampler's order, not grouped by length
+        supervised.rank_micro_batches = lambda batch, rank, world, size, lengths=None: original_split(
+            batch, rank, world, size)
     if head == "full-logits":
         losses.response_logits = _full_logits
     model = {"name_or_path": str(model_dir), "precision": precision}
@@ -136,12 +143,13 @@ def lmrefinery_step_times(model_dir: Path, data: Path, root: Path, args, round_i
         "output_dir": str(out), "model": model,
         "data": {"sources": [{"name": "data", "path": str(data)}], "max_length": args.max_length},
         "sampling": {"strategy": "proportional"}, "save_model": False,
-        "train": {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.batch, "lr": 1e-5,
+        "train": {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": micro, "lr": 1e-5,
                   "warmup_steps": 0, "checkpoint_every": 10 ** 6, "keep_last": 1, "packing": "packed" in flags}})
     try:
         sft.run(config)
     finally:
         losses.response_logits, optim._adamw_kernel = original, original_kernel
+        supervised.rank_micro_batches = original_split
     times = [m["time"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     return [b - a for a, b in zip(times, times[1:])]
 
@@ -264,6 +272,9 @@ def main() -> None:
                         help="attention kernel of the HF Trainer and TRL models (default: transformers' own)")
     parser.add_argument("--packing", action="store_true",
                         help="also lmrefinery with train.packing (several examples to a row; docs/sft.md#packing)")
+    parser.add_argument("--micro", type=int, default=None,
+                        help="also lmrefinery with micro-batches of this size, grouped by length (the default "
+                             "whenever a batch is split) and in the sampler's order, in the same run")
     args = parser.parse_args()
     global ANCHOR_ATTENTION
     ANCHOR_ATTENTION = args.anchor_attention
@@ -281,6 +292,8 @@ def main() -> None:
                     if args.levers else [f"{args.precision}/head-at-labels"])
         variants += [f"{args.precision}/head-at-labels/packed"] if args.packing else []
         variants += [f"{args.precision}/head-at-labels/previous-kernels"] if args.previous else []
+        variants += ([f"{args.precision}/head-at-labels/micro{args.micro}",
+                      f"{args.precision}/head-at-labels/micro{args.micro}/ungrouped"] if args.micro else [])
         ours = {variant: [] for variant in variants}
         theirs: dict[str, list[float]] = {"hf_trainer": [], **({"trl_sft_trainer": []} if args.trl else {})}
         for round_index in range(args.rounds):

@@ -1,11 +1,12 @@
 """Training machinery: accumulation invariance, precision, checkpointing, resume, NaN guard, HF export."""
 
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmrefinery.data.collate import collate
+from lmrefinery.data.collate import collate, rank_micro_batches
 from lmrefinery.data.sources import TokenizedExample
 from lmrefinery.data.tokenize import ChatEncoder
 from lmrefinery.data.formats import Conversation, Message
@@ -195,3 +196,35 @@ def test_sequence_sum_normalisation_is_the_mean_per_example_sum_for_any_split(to
     assert loss_four == pytest.approx(loss_one, abs=1e-5)
     for name in grads_one:
         torch.testing.assert_close(grads_one[name], grads_four[name], atol=1e-5, rtol=0)
+
+
+def test_micro_batches_group_examples_of_similar_length_and_keep_each_ranks_share():
+    # Lengths designed so that the sampler's order alternates long and short: cut as drawn, every micro-batch of two
+    # pads a short example to a long one; grouped by length, equal lengths share micro-batches and nothing pads.
+    lengths = np.array([30, 5, 31, 6, 30, 5, 31, 6])
+    batch = [0, 1, 2, 3, 4, 5, 6, 7]
+    padded = lambda micro: sum(len(m) * max(lengths[m]) - sum(lengths[m]) for m in micro)  # noqa: E731
+    as_drawn = rank_micro_batches(batch, 0, 1, 2)
+    grouped = rank_micro_batches(batch, 0, 1, 2, lengths)
+    assert padded(as_drawn) == 4 * 25
+    assert grouped == [[1, 5], [3, 7], [0, 4], [2, 6]]  # stable: equal lengths keep the sampler's order
+    assert padded(grouped) == 0
+    for rank in (0, 1):  # each rank still gets its strided share, only its order changes
+        assert sorted(sum(rank_micro_batches(batch, rank, 2, 2, lengths), [])) == batch[rank::2]
+    assert rank_micro_batches(batch, 0, 1, 8, lengths) == [batch]  # one micro-batch: nothing to group
+
+
+def test_length_grouped_micro_batches_give_the_gradient_of_the_whole_batch(tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    examples = _examples(tokenizer)
+    lengths = np.array([len(e.input_ids) for e in examples])
+    order = list(range(len(examples)))
+    whole = [collate(examples, tokenizer.pad_token_id, order)]
+    grouped = [collate([examples[i] for i in micro], tokenizer.pad_token_id, micro)
+               for micro in rank_micro_batches(order, 0, 1, 2, lengths)]
+    assert sum(b.input_ids.numel() for b in grouped) < whole[0].input_ids.numel()  # the designed lengths differ
+    loss_whole, gradients_whole = _gradients(model, whole)
+    loss_grouped, gradients_grouped = _gradients(model, grouped)
+    assert loss_grouped == pytest.approx(loss_whole, abs=1e-6)
+    for name, gradient in gradients_whole.items():
+        torch.testing.assert_close(gradients_grouped[name], gradient, atol=1e-6, rtol=1e-5)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmrefinery.data.packing import PackedRows, pack
@@ -73,11 +75,17 @@ def collate(examples: list[TokenizedExample], pad_id: int, example_ids: list[int
                  torch.tensor(example_ids, dtype=torch.long) if example_ids is not None else None, packed)
 
 
-def rank_micro_batches(global_batch: list[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+def rank_micro_batches(global_batch: list[int], rank: int, world_size: int, micro_batch_size: int,
+                       lengths: Sequence[int] | np.ndarray | None = None) -> list[list[int]]:
     """This rank's share of a global batch (strided), cut into micro-batches.
 
     The union over ranks is the whole global batch, so a token-normalised loss summed over ranks does not depend
-    on the world size or the micro-batch size.
+    on the world size or the micro-batch size. Given every example's token count (`lengths`, indexed like the pool),
+    a share cut into several micro-batches is ordered by length first (stable: ties keep the sampler's order), so each
+    micro-batch holds examples of similar length and pads less. The step's gradient is the same sum over the same
+    examples, only added in another order; the ranks' shares are unchanged.
     """
     share = global_batch[rank::world_size]
+    if lengths is not None and len(share) > micro_batch_size:
+        share = sorted(share, key=lambda index: int(lengths[index]))
     return [share[i: i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]

@@ -112,15 +112,18 @@ def run(config: ReweightConfig, resume: bool | str = False) -> Path:
                  "upper": make_lisa(upper, core.upper_optimizer, config.lisa,
                                     2 * config.seed + (1 if shared_draw else 2))}
 
-    def micro_batches(sampler, examples_pool):
+    lengths = {"train": pool.lengths(), "validation": validation.lengths()}  # length-grouped micro-batches
+
+    def micro_batches(sampler, examples_pool, which):
         indices = sampler.next_batch()
         batches = [collate([examples_pool.examples[i] for i in share], tokenizer.pad_token_id).to(env.device)
-                   for share in rank_micro_batches(indices, env.rank, env.world_size, train.micro_batch_size)]
+                   for share in rank_micro_batches(indices, env.rank, env.world_size, train.micro_batch_size,
+                                                   lengths[which])]
         return indices, batches
 
     def step(index: int) -> dict:
-        train_indices, train_batches = micro_batches(train_sampler, pool)
-        _, val_batches = micro_batches(val_sampler, validation)
+        train_indices, train_batches = micro_batches(train_sampler, pool, "train")
+        _, val_batches = micro_batches(val_sampler, validation, "validation")
         result = core.step(train_batches, val_batches)
         result["weight_gradient"] = dict(zip(pool.names, result["weight_gradient"]))
         return {"weights": dict(zip(pool.names, core.weights.tolist())), **result,

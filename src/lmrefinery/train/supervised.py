@@ -18,10 +18,13 @@ def supervised_step_fn(model: nn.Module, optimizer, scheduler, sampler: MixtureS
                        env: DistEnv, *, micro_batch_size: int, precision: str, max_grad_norm: float | None,
                        pad_id: int, loss_sums_fn: LossSumsFn = example_loss_sums,
                        normalize_by: str = "tokens", pack_rows: bool = False) -> Callable[[int], dict]:
+    lengths = pool.lengths()  # micro-batches group examples of similar length (exact: see rank_micro_batches)
+
     def step(index: int) -> dict:
         global_batch = sampler.next_batch()
         micro_batches = [collate([pool.examples[i] for i in indices], pad_id, indices, pack_rows).to(env.device)
-                         for indices in rank_micro_batches(global_batch, env.rank, env.world_size, micro_batch_size)]
+                         for indices in rank_micro_batches(global_batch, env.rank, env.world_size, micro_batch_size,
+                                                           lengths)]
         if micro_batches:
             check_packing_exact(model, micro_batches[0])
         lr = scheduler.get_last_lr()[0]
