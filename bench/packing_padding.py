@@ -2,7 +2,9 @@
 
 Draws `--steps` global batches of `--batch` examples as `sft` does (proportional sampling over the given sources,
 micro-batches of `--micro-batch`), collates each micro-batch padded and packed, and reports the fraction of the
-forward's token positions that are padding, and the number of rows, both ways. No model runs: this is the work
+forward's token positions that are padding, and the number of rows, both ways; with `--micro-batch` below `--batch`,
+also the padding of the micro-batches grouped by length, as the recipes cut them (cut in the sampler's order, the
+"padded" figure, is how they were cut before). No model runs: this is the work
 packing can save, not its time (bench/sft_step.py --packing measures that).
 
     python bench/packing_padding.py --max-length 288 \
@@ -48,23 +50,28 @@ def main() -> None:
     sampler = MixtureSampler.build(SamplingConfig(strategy="proportional"), pool.names, pool.source_indices(),
                                    args.batch, args.seed)
     micro_batches = args.steps * -(-args.batch // args.micro_batch)
-    totals = {"real": 0, "padded_positions": 0, "packed_positions": 0, "padded_rows": 0, "packed_rows": 0}
+    lengths = pool.lengths()
+    totals = {"real": 0, "padded_positions": 0, "packed_positions": 0, "grouped_positions": 0, "padded_rows": 0,
+              "packed_rows": 0}
     for _ in range(args.steps):
-        for indices in rank_micro_batches(sampler.next_batch(), 0, 1, args.micro_batch):
+        global_batch = sampler.next_batch()
+        for indices in rank_micro_batches(global_batch, 0, 1, args.micro_batch):  # cut in the sampler's order
             batch = collate([pool.examples[i] for i in indices], tokenizer.pad_token_id, pack_rows=True)
             totals["real"] += int(batch.attention_mask.sum())
             totals["padded_positions"] += batch.input_ids.numel()
             totals["packed_positions"] += batch.packed.input_ids.numel()
             totals["padded_rows"] += batch.input_ids.shape[0]
             totals["packed_rows"] += batch.packed.input_ids.shape[0]
-    lengths = pool.lengths()
+        for indices in rank_micro_batches(global_batch, 0, 1, args.micro_batch, lengths):  # as the recipes cut it
+            totals["grouped_positions"] += len(indices) * int(max(lengths[i] for i in indices))
     print(json.dumps({
         "sources": {s.name: s.path for s in sources}, "examples": len(pool.examples), "max_length": args.max_length,
         "length": {"min": int(min(lengths)), "median": float(sorted(lengths)[len(lengths) // 2]),
                    "max": int(max(lengths))},
         "batch": args.batch, "micro_batch": args.micro_batch, "steps": args.steps,
         "padding_fraction": {"padded": round(1 - totals["real"] / totals["padded_positions"], 4),
-                             "packed": round(1 - totals["real"] / totals["packed_positions"], 4)},
+                             "packed": round(1 - totals["real"] / totals["packed_positions"], 4),
+                             "padded_grouped_by_length": round(1 - totals["real"] / totals["grouped_positions"], 4)},
         "rows_per_micro_batch": {"padded": round(totals["padded_rows"] / micro_batches, 2),
                                  "packed": round(totals["packed_rows"] / micro_batches, 2)},
         "positions_computed_packed_over_padded": round(totals["packed_positions"] / totals["padded_positions"], 4)},
