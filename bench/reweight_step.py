@@ -3,7 +3,7 @@
 One run of this script runs five modes, each in a fresh child process (so each peak is its own): `sft` without
 LISA, `reweight` without LISA (two full copies), `reweight` with LISA (2 layers) on both model copies, `sft` with
 LoRA, and `reweight` with LoRA (u and w two adapters of one frozen base). The step time is the median of
-the recipes' own `step_time_s` (first step dropped); peak memory as in bench/lisa_memory.py (CPU: peak RSS minus
+the recipes' own `step_time_s` (first step dropped; pooled over `--rounds`, which alternate the modes); peak memory as in bench/lisa_memory.py (CPU: peak RSS minus
 RSS before loading anything; CUDA: allocator peak), taken twice: over the training steps (the peak the recipe logs
 with its last step) and over the whole process, which adds the checkpoint the loop writes after the last step (the
 weights and both AdamW moments of every trained model go through torch.distributed.checkpoint's safetensors writer
@@ -16,6 +16,7 @@ and reweight-LoRA step / sft-LoRA step ≤ 3.1 (reweight-LoRA peak / two-full-co
     python bench/reweight_step.py                   # smollm2-135m-instruct, batch 4, validation batch 4
     python bench/reweight_step.py --modes sft_lora reweight_lora reweight
     python bench/reweight_step.py --modes sft_lora reweight_lora --profile 25   # where a LoRA step's time goes
+    python bench/reweight_step.py --modes sft_lora reweight_lora --rounds 3 --steps 8   # drift shared by both
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def child(mode: str, args) -> dict:
     sources = [{"name": f"s{i}", "path": str(root / f"data-{i}.jsonl")} for i in range(3)]
     data = {"sources": sources, "max_length": args.max_length}
     model = {"name_or_path": args.model, "precision": args.precision}
-    out = root / mode
+    out = root / f"{mode}-{args.round}"
     common = {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.micro, "checkpoint_every": None}
     lora = LORA if mode.endswith("_lora") else {"enabled": False}
     profiler = _profile_steps(reweight if mode.startswith("reweight") else common_recipe) if args.profile else None
@@ -87,7 +88,7 @@ def child(mode: str, args) -> dict:
     before = baseline if device.type == "cpu" else 0
     # logged at each step, before the checkpoint that follows the last one: the training peak on its own
     training_peak = max(m["peak_memory_bytes"] for m in metrics if "peak_memory_bytes" in m) - before
-    result = {"mode": mode, "step_s": statistics.median(times[1:]), "peak_memory_bytes": training_peak,
+    result = {"mode": mode, "step_times_s": times[1:], "peak_memory_bytes": training_peak,
               "peak_with_final_checkpoint_bytes": peak_memory_bytes(device) - before, "steps": len(times)}
     if profiler is not None:
         result["profile"] = _top_functions(profiler, args.profile, len(times) - 1)
@@ -128,6 +129,16 @@ def _top_functions(profiler, count: int, steps: int) -> list[dict]:
             for (file, line, name), (calls, _, own, cumulative, _) in ranked]
 
 
+def _pooled(runs: list[dict]) -> dict:
+    """One mode over several rounds: the median of all its measured steps, the largest of its peaks."""
+    times = [t for run in runs for t in run["step_times_s"]]
+    pooled = {key: max(run[key] for run in runs) for key in ("peak_memory_bytes", "peak_with_final_checkpoint_bytes")}
+    pooled.update(mode=runs[0]["mode"], step_s=statistics.median(times), steps_measured=len(times))
+    if "profile" in runs[0]:
+        pooled["profile"] = runs[0]["profile"]
+    return pooled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -142,7 +153,11 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile every step but the first and report each mode's N functions with the most "
                              "own time per step")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the modes this many times, alternating, and pool each mode's step times: machine "
+                             "drift then hits every mode alike (each round's ratios are reported too)")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
@@ -155,12 +170,16 @@ def main() -> None:
         for seed in (0, 1, 2, 9):
             write_data(Path(tmp), args.batch * args.steps * 2, args.words, seed)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        results = {}
-        for mode in args.modes:
-            command = [sys.executable, __file__, "--mode", mode, "--workdir", tmp] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("mode", "modes", "workdir")]
-            output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-            results[mode] = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT "))[7:])
+        rounds = []
+        for round_index in range(args.rounds):
+            rounds.append({})
+            for mode in args.modes:
+                command = [sys.executable, __file__, "--mode", mode, "--workdir", tmp, f"--round={round_index}"] + [
+                    f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                    if k not in ("mode", "modes", "workdir", "round", "rounds")]
+                output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+                rounds[-1][mode] = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT "))[7:])
+    results = {mode: _pooled([one[mode] for one in rounds]) for mode in args.modes}
     ratios = {}
     for over, under in [("reweight", "sft"), ("reweight_lisa", "sft"), ("reweight_lora", "sft_lora"),
                         ("reweight_lora", "reweight"), ("sft_lora", "sft")]:
@@ -171,9 +190,14 @@ def main() -> None:
             ratios[f"{over}_peak_with_checkpoint_over_{under}_peak_with_checkpoint"] = round(
                 results[over]["peak_with_final_checkpoint_bytes"] / results[under]["peak_with_final_checkpoint_bytes"],
                 3)
+    per_round = [{f"{over}_step_over_{under}_step": round(statistics.median(one[over]["step_times_s"])
+                                                          / statistics.median(one[under]["step_times_s"]), 3)
+                  for over, under in [("reweight", "sft"), ("reweight_lora", "sft_lora")]
+                  if over in one and under in one} for one in rounds]
     print(json.dumps({
         "model": args.model, "batch": args.batch, "val_batch": args.val_batch, "micro_batch": args.micro,
-        "max_length": args.max_length, "results": results, "ratios": ratios,
+        "max_length": args.max_length, "rounds": args.rounds, "results": results, "ratios": ratios,
+        "step_ratios_per_round": per_round,
         "targets": {"reweight_step_over_sft_step": "<= 3.1", "reweight_lisa_peak_over_sft_peak": "<= 1.3",
                     "reweight_lora_peak_over_sft_lora_peak": "<= 1.15",
                     "reweight_lora_step_over_sft_lora_step": "<= 3.1"}}, indent=2))
