@@ -112,18 +112,17 @@ def run(config: ReweightConfig, resume: bool | str = False) -> Path:
                  "upper": make_lisa(upper, core.upper_optimizer, config.lisa,
                                     2 * config.seed + (1 if shared_draw else 2))}
 
-    lengths = {"train": pool.lengths(), "validation": validation.lengths()}  # length-grouped micro-batches
-
-    def micro_batches(sampler, examples_pool, which):
+    def micro_batches(sampler, examples_pool):
         indices = sampler.next_batch()
+        # grouped by length (the pool reads its token counts once and keeps them)
         batches = [collate([examples_pool.examples[i] for i in share], tokenizer.pad_token_id).to(env.device)
                    for share in rank_micro_batches(indices, env.rank, env.world_size, train.micro_batch_size,
-                                                   lengths[which])]
+                                                   examples_pool.lengths())]
         return indices, batches
 
     def step(index: int) -> dict:
-        train_indices, train_batches = micro_batches(train_sampler, pool, "train")
-        _, val_batches = micro_batches(val_sampler, validation, "validation")
+        train_indices, train_batches = micro_batches(train_sampler, pool)
+        _, val_batches = micro_batches(val_sampler, validation)
         result = core.step(train_batches, val_batches)
         result["weight_gradient"] = dict(zip(pool.names, result["weight_gradient"]))
         return {"weights": dict(zip(pool.names, core.weights.tolist())), **result,
