@@ -2,7 +2,8 @@
 
 One run of this script runs five modes, each in a fresh child process (so each peak is its own): `sft` without
 LISA, `reweight` without LISA (two full copies), `reweight` with LISA (2 layers) on both model copies, `sft` with
-LoRA, and `reweight` with LoRA (u and w two adapters of one frozen base). The step time is the median of
+LoRA, and `reweight` with LoRA (u and w two adapters of one frozen base); `reweight_lisa_compiled` (on request) is
+`reweight_lisa` with `model.compile: true`. The step time is the median of
 the recipes' own `step_time_s` (first step dropped; pooled over `--rounds`, which alternate the modes); peak memory as in bench/lisa_memory.py (CPU: peak RSS minus
 RSS before loading anything; CUDA: allocator peak), taken twice: over the training steps (the peak the recipe logs
 with its last step) and over the whole process, which adds the checkpoint the loop writes after the last step (the
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.process_memory import rss_bytes  # noqa: E402
 
-MODES = ("sft", "reweight", "reweight_lisa", "sft_lora", "reweight_lora")
+MODES = ("sft", "reweight", "reweight_lisa", "sft_lora", "reweight_lora", "reweight_lisa_compiled")
 LORA = {"enabled": True, "r": 16, "alpha": 32}
 
 
@@ -64,7 +65,7 @@ def child(mode: str, args) -> dict:
     root = Path(args.workdir)
     sources = [{"name": f"s{i}", "path": str(root / f"data-{i}.jsonl")} for i in range(3)]
     data = {"sources": sources, "max_length": args.max_length}
-    model = {"name_or_path": args.model, "precision": args.precision}
+    model = {"name_or_path": args.model, "precision": args.precision, "compile": mode.endswith("_compiled")}
     out = root / f"{mode}-{args.round}"
     common = {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.micro, "checkpoint_every": None}
     lora = LORA if mode.endswith("_lora") else {"enabled": False}
@@ -77,7 +78,7 @@ def child(mode: str, args) -> dict:
         config = validate_config(ReweightConfig, {
             "output_dir": str(out), "model": model, "data": data,
             "validation": {"sources": [{"name": "val", "path": str(root / "data-9.jsonl")}]},
-            "lisa": {"enabled": mode == "reweight_lisa", "layers": 2, "interval": 2}, "lora": lora,
+            "lisa": {"enabled": mode.startswith("reweight_lisa"), "layers": 2, "interval": 2}, "lora": lora,
             "train": {**common, "val_batch_size": args.val_batch}})
         reweight.run(config)
     import torch
@@ -149,7 +150,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--words", type=int, default=40)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to run (default all)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[:5]),
+                        help="modes to run (default: all but reweight_lisa_compiled)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile every step but the first and report each mode's N functions with the most "
                              "own time per step")

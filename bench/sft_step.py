@@ -22,6 +22,12 @@ lmrefinery's `attn_implementation: auto` picks for short rows on CPU (their defa
 lmrefinery with the batch split into micro-batches of N, grouped by length (what it does whenever a batch is split)
 and cut in the sampler's order (`ungrouped`), so the grouping's effect is measured apart from the split's.
 
+`--compile` adds lmrefinery with `model.compile: true` (each decoder block through torch.compile); the steps timed
+exclude the first, and `first_step_s_per_round` shows set-up plus the first step — where the compile goes (the first
+round compiles cold unless inductor's on-disk cache already holds the graphs). `--no-anchors` runs lmrefinery's variants alone
+(no HF Trainer, no TRL), e.g. to alternate the compiled and eager steps over more rounds; each variant's median per
+round is printed too.
+
 `--levers` also measures lmrefinery with its speed levers switched off and on one at a time: the LM head applied at
 every position (`full-logits`, how it was before) vs only where a label exists (`head-at-labels`), and fp32 vs bf16
 autocast.
@@ -137,6 +143,8 @@ def lmrefinery_step_times(model_dir: Path, data: Path, root: Path, args, round_i
     model = {"name_or_path": str(model_dir), "precision": precision}
     if "previous-kernels" in flags:  # before 2026-12-05: SDPA attention, multi-tensor (foreach) AdamW
         model["attn_implementation"] = "sdpa"
+    if "compiled" in flags:
+        model["compile"] = True
         optim._adamw_kernel = lambda params: {"foreach": True}
     out = root / f"lmrefinery-{round_index}-{variant.replace('/', '-')}"
     config = validate_config(SFTConfig, {
@@ -145,13 +153,18 @@ def lmrefinery_step_times(model_dir: Path, data: Path, root: Path, args, round_i
         "sampling": {"strategy": "proportional"}, "save_model": False,
         "train": {"steps": args.steps, "batch_size": args.batch, "micro_batch_size": micro, "lr": 1e-5,
                   "warmup_steps": 0, "checkpoint_every": 10 ** 6, "keep_last": 1, "packing": "packed" in flags}})
+    started = time.time()
     try:
         sft.run(config)
     finally:
         losses.response_logits, optim._adamw_kernel = original, original_kernel
         supervised.rank_micro_batches = original_split
     times = [m["time"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    FIRST_STEP_S.setdefault(variant, []).append(round(times[0] - started, 1))  # set-up + step 1 (+ the compile)
     return [b - a for a, b in zip(times, times[1:])]
+
+
+FIRST_STEP_S: dict[str, list[float]] = {}
 
 
 def _tokenized(model_dir: Path, data: Path, args):
@@ -272,6 +285,10 @@ def main() -> None:
                         help="attention kernel of the HF Trainer and TRL models (default: transformers' own)")
     parser.add_argument("--packing", action="store_true",
                         help="also lmrefinery with train.packing (several examples to a row; docs/sft.md#packing)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also lmrefinery with model.compile (each decoder block through torch.compile)")
+    parser.add_argument("--no-anchors", action="store_true",
+                        help="lmrefinery's variants only (e.g. --compile alternated with eager, more rounds)")
     parser.add_argument("--micro", type=int, default=None,
                         help="also lmrefinery with micro-batches of this size, grouped by length (the default "
                              "whenever a batch is split) and in the sampler's order, in the same run")
@@ -292,17 +309,22 @@ def main() -> None:
                     if args.levers else [f"{args.precision}/head-at-labels"])
         variants += [f"{args.precision}/head-at-labels/packed"] if args.packing else []
         variants += [f"{args.precision}/head-at-labels/previous-kernels"] if args.previous else []
+        variants += [f"{args.precision}/head-at-labels/compiled"] if args.compile else []
         variants += ([f"{args.precision}/head-at-labels/micro{args.micro}",
                       f"{args.precision}/head-at-labels/micro{args.micro}/ungrouped"] if args.micro else [])
         ours = {variant: [] for variant in variants}
-        theirs: dict[str, list[float]] = {"hf_trainer": [], **({"trl_sft_trainer": []} if args.trl else {})}
+        per_round = {variant: [] for variant in variants}
+        theirs: dict[str, list[float]] = {} if args.no_anchors else {
+            "hf_trainer": [], **({"trl_sft_trainer": []} if args.trl else {})}
         for round_index in range(args.rounds):
-            theirs["hf_trainer"] += hf_trainer_step_times(model_dir, data, root, args, round_index)[args.warmup:]
-            if args.trl:
+            if not args.no_anchors:
+                theirs["hf_trainer"] += hf_trainer_step_times(model_dir, data, root, args, round_index)[args.warmup:]
+            if args.trl and not args.no_anchors:
                 theirs["trl_sft_trainer"] += trl_step_times(model_dir, data, root, args, round_index)[args.warmup:]
             for variant in variants:
-                ours[variant] += lmrefinery_step_times(model_dir, data, root, args, round_index,
-                                                       variant)[args.warmup:]
+                times = lmrefinery_step_times(model_dir, data, root, args, round_index, variant)[args.warmup:]
+                ours[variant] += times
+                per_round[variant].append(round(statistics.median(times), 3))
         peak = gemm_peak_flops(args.precision)
         non_embedding, mean_tokens = _token_rate(model_dir, data, args)
 
@@ -311,17 +333,19 @@ def main() -> None:
         return {"step_s": round(step, 4), "per_example_s": round(step / args.batch, 4),
                 "fraction_of_peak": round(6 * non_embedding * mean_tokens * args.batch / step / peak, 3)}
 
-    fastest_name = min(theirs, key=lambda name: statistics.median(theirs[name]))
-    fastest = statistics.median(theirs[fastest_name])
+    fastest_name = min(theirs, key=lambda name: statistics.median(theirs[name])) if theirs else None
+    fastest = statistics.median(theirs[fastest_name]) if theirs else None
     print(json.dumps({
         "model": args.model, "non_embedding_parameters": non_embedding, "batch": args.batch,
         "max_length": args.max_length, "shape": args.shape, "mean_tokens_per_example": round(mean_tokens, 1),
         "precision": args.precision, "anchor_attention": args.anchor_attention,
         "gemm_peak_gflops": round(peak / 1e9, 1),
-        "steps_measured_each": len(theirs["hf_trainer"]),
+        "steps_measured_each": len(next(iter(ours.values()))),
         "anchors": {name: figures(times) for name, times in theirs.items()}, "fastest_anchor": fastest_name,
         "lmrefinery": {variant: {**figures(times), "ratio_over_fastest_anchor":
-                                 round(statistics.median(times) / fastest, 3)} for variant, times in ours.items()},
+                                 round(statistics.median(times) / fastest, 3) if fastest else None,
+                                 "step_s_per_round": per_round[variant],
+                                 "first_step_s_per_round": FIRST_STEP_S.get(variant)} for variant, times in ours.items()},
         "targets": {"ratio_over_fastest_anchor": "<= 0.5", "fraction_of_peak": ">= 0.5"}}, indent=2))
 
 

@@ -14,7 +14,8 @@ from lmrefinery.models import find_decoder_layers
 from lmrefinery.train.distributed import DistEnv
 from lmrefinery.train.losses import optimizer_step
 from lmrefinery.train.run_dir import read_metrics
-from tests.helpers import final_weights, losses, resumed_after_kill, run_one_and_two_processes, sft_config
+from tests.helpers import (final_weights, losses, resumed_after_kill, run_cli, run_one_and_two_processes, sft_config,
+                           write_yaml)
 from tests.tiny import FAMILIES, QA, tiny_model
 
 
@@ -181,3 +182,19 @@ def test_lisa_with_bf16_autocast_and_activation_checkpointing(tokenizer):
                                  lambda: optimizer_step(model, optimizer, None, batch, DistEnv(), "bf16", 1.0, 0))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert len(set(state_bytes)) == 1
+
+
+@pytest.mark.slow
+def test_sft_with_lisa_and_compiled_blocks_matches_eager_in_one_and_two_processes(tmp_path, tiny_model_dir):
+    """`model.compile: true` under LISA (blocks frozen and thawed: one graph per pattern) and under FSDP2 (per-block
+    hooks around the compiled blocks): the losses and weights of the eager run, in one process and in two."""
+    eager_config = _lisa_config(tmp_path, tiny_model_dir, steps=4, checkpoint_every=None, micro_batch_size=1)
+    eager = tmp_path / "eager"
+    assert run_cli("sft", "--config", write_yaml(tmp_path / "eager.yaml", dict(eager_config, output_dir=str(eager)))) == 0
+    config = dict(eager_config, model={**eager_config["model"], "compile": True})
+    single, double = run_one_and_two_processes(tmp_path, "sft", config)
+    for run in (single, double):
+        assert losses(run) == pytest.approx(losses(eager), abs=1e-5)
+        final, expected = final_weights(run, 4), final_weights(eager, 4)
+        for name in expected:
+            torch.testing.assert_close(final[name], expected[name], atol=1e-4, rtol=0)

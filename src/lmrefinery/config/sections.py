@@ -53,6 +53,9 @@ class ComputeConfig(StrictModel):
         "auto", description="Attention kernel passed to transformers. 'auto' = eager when training on CPU with "
                             "data.max_length <= 384 (faster there), else sdpa.")
     gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing.")
+    compile: bool = Field(False, description="torch.compile each decoder block (inductor, dynamic shapes): faster "
+                                             "steps after a one-off compile of tens of seconds per process; worth it "
+                                             "for runs of more than a few minutes (docs/benchmarks.md).")
 
 
 class ModelConfig(ComputeConfig):

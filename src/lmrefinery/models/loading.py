@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmrefinery.config import ModelConfig
 from lmrefinery.errors import UserError
 from lmrefinery.models import embedded
+from lmrefinery.models.layers import find_decoder_layers
 from lmrefinery.models.lora import load_adapter_merged, read_adapter_config
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,23 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu", training
     model = _from_pretrained(AutoModelForCausalLM, location, "model", **kwargs)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if config.compile:
+        compile_decoder_blocks(model)
     return model if config.device_map is not None else model.to(device)
+
+
+def compile_decoder_blocks(model) -> None:
+    """torch.compile each decoder block in place (`nn.Module.compile`: parameter names and state dicts unchanged).
+
+    Blocks rather than the whole model: every block shares one graph (parameters are graph inputs), so the compile
+    costs one block's worth, and what sits outside the blocks — mask building, the LM head hook, LoRA wrappers added
+    later, FSDP2's per-block hooks — stays eager or is traced at the first call. Compilation is lazy (first forward)
+    and `dynamic=True` keeps varying batch shapes from recompiling; freezing blocks (LISA) adds at most one graph per
+    requires-grad pattern."""
+    blocks = find_decoder_layers(model)
+    log.info("compiling %d decoder blocks with torch.compile at the first forward", len(blocks))
+    for block in blocks:
+        block.compile(dynamic=True)
 
 
 def enable_activation_checkpointing(model) -> None:
