@@ -3,7 +3,9 @@
 One run of this script runs five modes, each in a fresh child process (so each peak is its own): `sft` without
 LISA, `reweight` without LISA (two full copies), `reweight` with LISA (2 layers) on both model copies, `sft` with
 LoRA, and `reweight` with LoRA (u and w two adapters of one frozen base); `reweight_lisa_compiled` (on request) is
-`reweight_lisa` with `model.compile: true`. The step time is the median of
+`reweight_lisa` with `model.compile: true`. The children run with `MALLOC_MMAP_THRESHOLD_=131072` so that the peaks
+track live tensors; that allocator setting also slows eager steps (every large tensor a fresh mmap: 2.2 × on the
+evidence's reweight shape), so step-time comparisons between eager and compiled code need `--default-malloc`. The step time is the median of
 the recipes' own `step_time_s` (first step dropped; pooled over `--rounds`, which alternate the modes); peak memory as in bench/lisa_memory.py (CPU: peak RSS minus
 RSS before loading anything; CUDA: allocator peak), taken twice: over the training steps (the peak the recipe logs
 with its last step) and over the whole process, which adds the checkpoint the loop writes after the last step (the
@@ -158,6 +160,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the modes this many times, alternating, and pool each mode's step times: machine "
                              "drift then hits every mode alike (each round's ratios are reported too)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="run the children under glibc's default allocator (step times as a user sees them; "
+                             "the peaks then include what malloc keeps cached)")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -171,14 +176,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (0, 1, 2, 9):
             write_data(Path(tmp), args.batch * args.steps * 2, args.words, seed)
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if not args.default_malloc:  # freed blocks go back to the OS at once: peaks track live tensors
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         rounds = []
         for round_index in range(args.rounds):
             rounds.append({})
             for mode in args.modes:
                 command = [sys.executable, __file__, "--mode", mode, "--workdir", tmp, f"--round={round_index}"] + [
                     f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                    if k not in ("mode", "modes", "workdir", "round", "rounds")]
+                    if k not in ("mode", "modes", "workdir", "round", "rounds", "default_malloc")]
                 output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
                 rounds[-1][mode] = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT "))[7:])
     results = {mode: _pooled([one[mode] for one in rounds]) for mode in args.modes}
