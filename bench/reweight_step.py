@@ -4,9 +4,10 @@ One run of this script runs five modes, each in a fresh child process (so each p
 LISA, `reweight` without LISA (two full copies), `reweight` with LISA (2 layers) on both model copies, `sft` with
 LoRA, and `reweight` with LoRA (u and w two adapters of one frozen base); `reweight_lisa_compiled` (on request) is
 `reweight_lisa` with `model.compile: true`. The children run with `MALLOC_MMAP_THRESHOLD_=131072` so that the peaks
-track live tensors; that allocator setting also slows eager steps (every large tensor a fresh mmap: 2.2 × on the
-evidence's reweight shape), so step-time comparisons between eager and compiled code need `--default-malloc`. The step time is the median of
-the recipes' own `step_time_s` (first step dropped; pooled over `--rounds`, which alternate the modes); peak memory as in bench/lisa_memory.py (CPU: peak RSS minus
+track live tensors; that allocator setting also slows eager steps (every large tensor a fresh mmap: 2.3 × on the
+evidence's reweight shape), so step times as a user sees them, and eager-vs-compiled comparisons, need
+`--default-malloc`. The step time is the median of the recipes' own `step_time_s` (first step dropped; pooled over
+`--rounds`, which alternate the modes); peak memory as in bench/lisa_memory.py (CPU: peak RSS minus
 RSS before loading anything; CUDA: allocator peak), taken twice: over the training steps (the peak the recipe logs
 with its last step) and over the whole process, which adds the checkpoint the loop writes after the last step (the
 weights and both AdamW moments of every trained model go through torch.distributed.checkpoint's safetensors writer

@@ -24,9 +24,9 @@ and cut in the sampler's order (`ungrouped`), so the grouping's effect is measur
 
 `--compile` adds lmrefinery with `model.compile: true` (each decoder block through torch.compile); the steps timed
 exclude the first, and `first_step_s_per_round` shows set-up plus the first step — where the compile goes (the first
-round compiles cold unless inductor's on-disk cache already holds the graphs). `--no-anchors` runs lmrefinery's variants alone
-(no HF Trainer, no TRL), e.g. to alternate the compiled and eager steps over more rounds; each variant's median per
-round is printed too.
+round compiles cold unless inductor's on-disk cache already holds the graphs). `--no-anchors` runs lmrefinery's
+variants alone (no HF Trainer, no TRL), e.g. to alternate the compiled and eager steps over more rounds; each
+variant's median per round is printed too.
 
 `--levers` also measures lmrefinery with its speed levers switched off and on one at a time: the LM head applied at
 every position (`full-logits`, how it was before) vs only where a label exists (`head-at-labels`), and fp32 vs bf16
@@ -345,7 +345,8 @@ def main() -> None:
         "lmrefinery": {variant: {**figures(times), "ratio_over_fastest_anchor":
                                  round(statistics.median(times) / fastest, 3) if fastest else None,
                                  "step_s_per_round": per_round[variant],
-                                 "first_step_s_per_round": FIRST_STEP_S.get(variant)} for variant, times in ours.items()},
+                                 "first_step_s_per_round": FIRST_STEP_S.get(variant)}
+                       for variant, times in ours.items()},
         "targets": {"ratio_over_fastest_anchor": "<= 0.5", "fraction_of_peak": ">= 0.5"}}, indent=2))
 
 

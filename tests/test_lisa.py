@@ -190,7 +190,8 @@ def test_sft_with_lisa_and_compiled_blocks_matches_eager_in_one_and_two_processe
     hooks around the compiled blocks): the losses and weights of the eager run, in one process and in two."""
     eager_config = _lisa_config(tmp_path, tiny_model_dir, steps=4, checkpoint_every=None, micro_batch_size=1)
     eager = tmp_path / "eager"
-    assert run_cli("sft", "--config", write_yaml(tmp_path / "eager.yaml", dict(eager_config, output_dir=str(eager)))) == 0
+    eager_yaml = write_yaml(tmp_path / "eager.yaml", dict(eager_config, output_dir=str(eager)))
+    assert run_cli("sft", "--config", eager_yaml) == 0
     config = dict(eager_config, model={**eager_config["model"], "compile": True})
     single, double = run_one_and_two_processes(tmp_path, "sft", config)
     for run in (single, double):
