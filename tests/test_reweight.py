@@ -239,3 +239,20 @@ def test_compiled_blocks_give_the_eager_weights_under_lisa(tmp_path, tiny_model_
     assert len(trajectories[0]) == 6
     torch.testing.assert_close(torch.tensor(trajectories[1]), torch.tensor(trajectories[0]), atol=1e-6, rtol=0)
     assert max(abs(w - 0.25) for w in trajectories[0][-1]) > 0.01  # the weights did move
+
+
+def test_reweight_warns_when_it_computes_in_bf16(monkeypatch, caplog):
+    """bf16 rounding can outweigh the loss differences the λ-gradient is made of: a run that resolves to bf16 says so
+    (explicitly or through `auto` on bf16 hardware); fp32 does not."""
+    import logging
+
+    from lmrefinery.recipes.reweight import warn_if_bf16
+
+    caplog.set_level(logging.WARNING)
+    assert warn_if_bf16("bf16", "cpu") and "bf16 rounding" in caplog.text
+    caplog.clear()
+    assert not warn_if_bf16("fp32", "cpu") and caplog.text == ""
+    monkeypatch.setenv("LMREFINERY_AUTO_PRECISION", "bf16")
+    assert warn_if_bf16("auto", "cpu")
+    monkeypatch.setenv("LMREFINERY_AUTO_PRECISION", "fp32")
+    assert not warn_if_bf16("auto", "cpu")
