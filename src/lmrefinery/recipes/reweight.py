@@ -77,7 +77,7 @@ def build_core(config: ReweightConfig, upper, lower, num_sources: int, steps: in
 
 def warn_if_bf16(precision: str, device) -> bool:
     """The λ-gradient is built from differences of nearly equal losses of u and w; under bf16 autocast their
-    rounding noise can outweigh those differences (docs/reweight.md#precision), so say so when a run computes in bf16."""
+    rounding noise can outweigh those differences (docs/reweight.md#precision): say so when a run computes in bf16."""
     if resolve_precision(precision, device) != "bf16":
         return False
     log.warning("model.precision resolves to bf16: the λ-gradient (differences of nearly equal losses of u and w) can "
