@@ -18,18 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.lambda_gradient_spread import cosine, gradients  # noqa: E402
+from bench.lambda_gradient_spread import cosine, run_variants  # noqa: E402
 
 RUNS = {f"{precision}-{kernel}": [f"model.precision={precision}", f"model.attn_implementation={kernel}"]
         for precision in ("bf16", "fp32") for kernel in ("eager", "sdpa")}
@@ -54,27 +49,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--keep", help="keep the four run directories here (default: a temporary directory)")
     args = parser.parse_args()
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lambda-precision-"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    results, seconds = {}, {}
-    try:
-        for run, overrides in RUNS.items():
-            out = root / run
-            shutil.rmtree(out, ignore_errors=True)
-            command = [sys.executable, "-m", "lmrefinery", "reweight", "--config", args.config, f"output_dir={out}",
-                       f"train.steps={args.steps}", "scalebio.lr_weights=0", "train.checkpoint_every=null",
-                       "train.checkpoint_at_end=false", *overrides]
-            started = time.perf_counter()
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            seconds[run] = round(time.perf_counter() - started, 1)
-            if done.returncode != 0:
-                sys.exit(f"{run}: reweight failed:\n{done.stderr[-3000:]}")
-            results[run] = gradients(out)[1]
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    runs, seconds = run_variants(args.config, args.steps, RUNS, args.keep, "lambda-precision-")
+    results = {run: rows for run, (_, rows) in runs.items()}
     summary = {"config": args.config, "steps": args.steps, "seconds": seconds}
     for precision in ("bf16", "fp32"):
         rows = compare_steps(results[f"{precision}-eager"], results[f"{precision}-sdpa"])

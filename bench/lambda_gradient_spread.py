@@ -51,6 +51,35 @@ def gradients(run_dir: Path) -> tuple[list[str], list[list[float]]]:
     return names or [], rows
 
 
+def run_variants(config: str, steps: int, variants: dict[str, list[str]], keep: str | None,
+                 prefix: str) -> tuple[dict, dict]:
+    """Run `reweight --config config` once per variant (its extra overrides) for `steps` steps with λ held at its
+    initial weights (lr 0) and no checkpoints; return each variant's (names, λ-gradients per step) and seconds.
+    The run directories go under `keep`, or a temporary directory removed afterwards."""
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    results, seconds = {}, {}
+    try:
+        for variant, overrides in variants.items():
+            out = root / variant
+            shutil.rmtree(out, ignore_errors=True)
+            command = [sys.executable, "-m", "lmrefinery", "reweight", "--config", config, f"output_dir={out}",
+                       f"train.steps={steps}", "scalebio.lr_weights=0", "train.checkpoint_every=null",
+                       "train.checkpoint_at_end=false", *overrides]
+            started = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            seconds[variant] = round(time.perf_counter() - started, 1)
+            if done.returncode != 0:
+                sys.exit(f"{variant}: reweight failed:\n{done.stderr[-3000:]}")
+            results[variant] = gradients(out)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return results, seconds
+
+
 def cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b))
     norm = math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
@@ -72,27 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--keep", help="keep the three run directories here (default: a temporary directory)")
     args = parser.parse_args()
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lambda-spread-"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    results, seconds = {}, {}
-    try:
-        for variant, overrides in VARIANTS.items():
-            out = root / variant
-            shutil.rmtree(out, ignore_errors=True)
-            command = [sys.executable, "-m", "lmrefinery", "reweight", "--config", args.config, f"output_dir={out}",
-                       f"train.steps={args.steps}", "scalebio.lr_weights=0", "train.checkpoint_every=null",
-                       *overrides]
-            started = time.perf_counter()
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            seconds[variant] = round(time.perf_counter() - started, 1)
-            if done.returncode != 0:
-                sys.exit(f"{variant}: reweight failed:\n{done.stderr[-3000:]}")
-            results[variant] = gradients(out)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    results, seconds = run_variants(args.config, args.steps, VARIANTS, args.keep, "lambda-spread-")
     names = results["no_lisa"][0]
     summary = {"config": args.config, "steps": args.steps, "seconds": seconds, "variants": {}}
     for variant, (variant_names, rows) in results.items():
