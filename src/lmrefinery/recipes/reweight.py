@@ -83,7 +83,7 @@ def warn_if_bf16(precision: str, device) -> bool:
     log.warning("model.precision resolves to bf16: the λ-gradient (differences of nearly equal losses of u and w) can "
                 "be dominated by bf16 rounding — on the evidence's data, two attention kernels that agree to 1e-5 in "
                 "fp32 gave λ-gradients with mean cosine 0.06 in bf16 and 1.00 in fp32 (docs/reweight.md#precision). "
-                "model.precision=fp32 keeps the weights' signal above the rounding, at about 1.6 × the step time here.")
+                "model.precision=fp32 keeps the weights' signal above the rounding, at ≈ 1.6 × the step time here.")
     return True
 
 
