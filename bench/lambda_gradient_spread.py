@@ -13,7 +13,7 @@ Decision rule, fixed in advance: `scalebio.lisa_draw: shared` becomes the defaul
 ≤ 0.8 × the independent draw's and its mean cosine to no-LISA is not lower; otherwise the default stays
 `independent`.
 
-    python bench/lambda_gradient_spread.py --config path/to/reweight-config.yaml --steps 30
+    python bench/lambda_gradient_spread.py --config path/to/reweight-config.yaml --steps 30 [--set model.precision=fp32]
     (e.g. the config `compare` wrote for the evidence: results/<run>/mixture/scalebio/seed-0/reweight/config.yaml)
 """
 
@@ -100,10 +100,13 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="a reweight config (YAML)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--keep", help="keep the three run directories here (default: a temporary directory)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for all three runs, e.g. model.precision=fp32")
     args = parser.parse_args()
-    results, seconds = run_variants(args.config, args.steps, VARIANTS, args.keep, "lambda-spread-")
+    variants = {name: [*overrides, *args.set] for name, overrides in VARIANTS.items()}
+    results, seconds = run_variants(args.config, args.steps, variants, args.keep, "lambda-spread-")
     names = results["no_lisa"][0]
-    summary = {"config": args.config, "steps": args.steps, "seconds": seconds, "variants": {}}
+    summary = {"config": args.config, "overrides": args.set, "steps": args.steps, "seconds": seconds, "variants": {}}
     for variant, (variant_names, rows) in results.items():
         assert variant_names == names, "the three runs must weigh the same sources"
         entry = summarise(names, rows)

@@ -131,7 +131,10 @@ def plot_trajectories(trajectory: dict[int, dict[str, float]], path: Path, run: 
                       linestyle="-" if match.group(1) == "dot" else "--", label=name)
         else:
             axes.plot(steps, values, color=others[index % len(others)], linewidth=2.2, label=name)
-    axes.set(title=f"source weights per step — {'/'.join(run.resolve().parts[-6:-1])}",
+    # a compare stage (…/<method>/seed-N/reweight) is named by its method and seed, a plain run by its directory
+    parts = run.resolve().parts
+    name = "/".join(parts[-6:-1]) if parts[-1] == "reweight" else "/".join(parts[-3:])
+    axes.set(title=f"source weights per step — {name}",
              xlabel="step", ylabel="weight")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))

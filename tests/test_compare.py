@@ -321,3 +321,19 @@ def test_variants_that_would_not_mean_what_they_say_are_refused(tmp_path, tiny_m
     assert run_cli("compare", "--config", write_yaml(tmp_path / "c.yaml", tree)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_the_reweight_stage_can_compute_in_its_own_precision(tmp_path, tiny_model_dir):
+    """`mixture.reweight.precision` sets the reweight stage's compute precision alone (its λ-gradient can sit below
+    bf16's rounding, docs/reweight.md#precision): the runs' own start records say what each stage computed in."""
+    out = tmp_path / "c"
+    tree = _variants_tree(out, tiny_model_dir, ("scalebio",), steps=2)
+    tree["model"]["precision"] = "bf16"
+    tree["mixture"]["reweight"]["precision"] = "fp32"
+    compare.run(validate_config(CompareConfig, tree), isolate=False)
+    run = out / "mixture" / "scalebio" / "seed-0"
+
+    def start(stage):
+        return json.loads((run / stage / "metrics.jsonl").read_text().splitlines()[0])
+
+    assert start("reweight")["precision"] == "fp32" and start("sft")["precision"] == "bf16"

@@ -208,9 +208,12 @@ def scalebio(config: CompareConfig, seed: int, directory: str) -> dict:
     run_dir = directory / "reweight"
     reweight_tree = mixture.reweight.model_dump(mode="json")
     reweight_tree["train"] |= no_final_checkpoint(mixture.reweight.train)
+    model = config.model.model_dump()
+    if (precision := reweight_tree.pop("precision")) is not None:
+        model["precision"] = precision
     started = time.perf_counter()
     run_stage(reweight, ReweightConfig, {
-        "output_dir": str(run_dir), "seed": seed, "model": config.model.model_dump(),
+        "output_dir": str(run_dir), "seed": seed, "model": model,
         "data": {"sources": source_trees(mixture.sources), "max_length": mixture.max_length},
         "validation": {"sources": source_trees(mixture.validation)},
         **reweight_tree}, run_dir / "weights.json", run_dir)

@@ -11,7 +11,7 @@ from lmrefinery.config.commands import ReweightTrainConfig, ScaleBiOConfig, Stud
 from lmrefinery.config.experiment import PRESETS, ExperimentDataConfig
 from lmrefinery.config.loading import StrictModel, path_field
 from lmrefinery.config.sections import (CalibrationBinsConfig, CalibrationSettings, LISAConfig, ModelConfig,
-                                        SourceConfig, TrainConfig, unique_source_names)
+                                        Precision, SourceConfig, TrainConfig, unique_source_names)
 
 SELECTION_METHODS = ("uniform", "proportional", "less", "rho", "scalebio", "scalebio_at_less_cost")
 # `<method>_appended`: the method's own SFT set with the target's validation set appended (its selection reused)
@@ -39,6 +39,10 @@ class ScaleBiOMethodConfig(StrictModel):
     scalebio: ScaleBiOConfig = ScaleBiOConfig()
     train: ReweightTrainConfig = ReweightTrainConfig()
     lisa: LISAConfig = LISAConfig()
+    precision: Precision | None = Field(None, description="Compute precision of the reweight stage alone; unset = "
+                                                          "`model.precision`. The λ-gradient can sit below bf16's "
+                                                          "rounding (docs/reweight.md#precision): `fp32` here keeps "
+                                                          "the SFT stages in the model's precision.")
 
 
 class PartitionSpec(StrictModel):

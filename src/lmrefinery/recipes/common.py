@@ -26,6 +26,7 @@ from lmrefinery.train.distributed import DistEnv, setup_distributed, shard_model
 from lmrefinery.train.loop import Loop, run_loop
 from lmrefinery.train.losses import LossSumsFn, example_loss_sums
 from lmrefinery.train.optim import build_adamw, build_scheduler
+from lmrefinery.train.precision import resolve_precision
 from lmrefinery.train.run_dir import check_output_dir, read_metrics
 from lmrefinery.train.save import save_hf_model, save_lora
 from lmrefinery.train.supervised import supervised_step_fn
@@ -148,7 +149,8 @@ def train_supervised(*, name: str, config, output_dir: Path, env: DistEnv, model
         modules={"model": model}, optimizers={"model": (model, optimizer)},
         stateful={"scheduler": scheduler, "sampler": sampler}, layer_samplers=layer_samplers,
         start_record={"sources": pool.names, "source_sizes": pool.sizes, "data_stats": [vars(s) for s in pool.stats],
-                      "accumulation": accumulation, **(start_metrics or {})},
+                      "accumulation": accumulation, "precision": resolve_precision(precision, env.device),
+                      **(start_metrics or {})},
         validate=(validation_fn(model, validation_pool, env, validation.batch_size, precision, tokenizer.pad_token_id,
                                 train.packing) if validation_pool is not None else None),
         validate_every=validation.every if validation is not None else None, trackers=trackers)

@@ -155,7 +155,8 @@ def run(config: ReweightConfig, resume: bool | str = False) -> Path:
         layer_samplers=lisas,
         start_record={"sources": pool.names, "source_sizes": pool.sizes, "validation_sources": validation.names,
                       "validation_size": len(validation.examples), "weights": core.weights.tolist(),
-                      "data_stats": [vars(s) for s in pool.stats]},
+                      "data_stats": [vars(s) for s in pool.stats],
+                      "precision": resolve_precision(config.model.precision, env.device)},
         postfix=lambda metrics: " ".join(f"{n}={w:.3f}" for n, w in zip(short, metrics["weights"].values())),
         trackers=trackers)
     try:
