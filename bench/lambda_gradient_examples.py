@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -39,11 +38,15 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.lambda_gradient_spread import cosine  # noqa: E402
 from lmrefinery.config import ReweightConfig  # noqa: E402
 from lmrefinery.config.loading import load_config  # noqa: E402
 from lmrefinery.data.collate import collate  # noqa: E402
+from lmrefinery.data.files import read_records  # noqa: E402
+from lmrefinery.data.tokenize import IGNORE_INDEX  # noqa: E402
 from lmrefinery.models import load_model  # noqa: E402
 from lmrefinery.recipes.common import load_data  # noqa: E402
+from lmrefinery.scalebio import weight_gradient  # noqa: E402
 from lmrefinery.train.checkpoint_format import checkpoint_steps  # noqa: E402
 from lmrefinery.train.checkpoint_load import full_tensors  # noqa: E402
 from lmrefinery.train.losses import response_logits  # noqa: E402
@@ -77,19 +80,14 @@ def token_losses(model, examples, pad_id: int, precision: str, batch_size: int =
         chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
         response = response_logits(model, collate(chunk, pad_id), precision)
         losses = F.cross_entropy(response.logits.float(), response.targets, reduction="none")
-        counts = response.mask.sum(1).tolist()
-        out.extend(losses.split(counts))
+        out.extend(losses.split(response.counts().tolist()))
     return out
 
 
-def read_jsonl(path) -> list[dict]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def records(config: ReweightConfig) -> list[dict]:
-    """Every record of the pool's sources, in pool order (sources in order, records in file order)."""
-    return [row for source in config.data.sources for row in read_jsonl(source.path)]
+def records(sources) -> list[dict]:
+    """Every record of `sources`, in pool order (sources in order, records in file order)."""
+    return [record.fields for source in sources
+            for record in read_records(source.path, source.split, source.subset)]
 
 
 def mean_or_none(values: list[float]) -> float | None:
@@ -123,7 +121,7 @@ def main() -> None:
 
     config = load_config(ReweightConfig, args.run / "config.yaml")
     tokenizer, pool, _ = load_data(config.model, config.data)
-    rows = records(config)
+    rows = records(config.data.sources)
     if len(rows) != len(pool.examples):
         raise SystemExit(f"{len(rows)} records but {len(pool.examples)} pool examples: some were dropped")
     checkpoint = checkpoint_directory(args.run, args.step)
@@ -141,11 +139,18 @@ def main() -> None:
         losses[name] = token_losses(model, pool.examples, tokenizer.pad_token_id, config.model.precision)
         del model
 
+    end_of_turn = {}  # token id → whether it ends the turn, decoded once per id
+
+    def ends_turn(token: int) -> bool:
+        if token not in end_of_turn:
+            end_of_turn[token] = token in end_ids or tokenizer.decode([token]).strip() == ""
+        return end_of_turn[token]
+
     per_example = []
     for index, example in enumerate(pool.examples):
-        targets = [t for t in example.labels[1:] if t != -100]
+        targets = [t for t in example.labels[1:] if t != IGNORE_INDEX]
         u, w = losses["lower"][index].double(), losses["upper"][index].double()
-        is_end = torch.tensor([t in end_ids or tokenizer.decode([t]).strip() == "" for t in targets])
+        is_end = torch.tensor([ends_turn(t) for t in targets])
         n = len(targets)
         delta = (w - u) / n
         per_example.append({
@@ -159,12 +164,11 @@ def main() -> None:
     for item in per_example:
         by_source[item["source"]].append(item)
     means = torch.tensor([statistics.fmean(e["delta"] for e in by_source[n]) for n in pool.names], dtype=torch.float64)
-    baseline = float((weights * means).sum())
-    implied = [alpha * float(weights[k]) * (float(means[k]) - baseline) for k in range(len(pool.names))]
+    # every source present: the λ-gradient the run's own formula gives for the whole pool at this checkpoint
+    implied = weight_gradient(weights, torch.zeros_like(means), means, torch.ones_like(means, dtype=torch.bool),
+                              alpha).tolist()
     window = [r for r in logged if args.step - args.window < r["step"] <= args.step]
     mean_logged = [statistics.fmean(r["weight_gradient"][n] for r in window) for n in pool.names]
-    cosine = (sum(a * b for a, b in zip(implied, mean_logged))
-              / math.sqrt(sum(a * a for a in implied) * sum(b * b for b in mean_logged)))
 
     sources = []
     for k, name in enumerate(pool.names):
@@ -207,7 +211,7 @@ def main() -> None:
             [e["delta"] - strata[e["reply"]] for e in clean if e["reply"] in strata])
 
     validation_replies = collections.Counter(
-        row["messages"][-1]["content"] for source in config.validation.sources for row in read_jsonl(source.path))
+        row["messages"][-1]["content"] for row in records(config.validation.sources))
     ratio = {reply: (validation_replies[reply] / sum(validation_replies.values())) / (len(v) / len(family))
              for reply, v in by_reply.items()}
     replies = sorted(by_reply)
@@ -219,7 +223,7 @@ def main() -> None:
 
     summary = {
         "run": str(args.run), "step": args.step, "alpha": alpha,
-        "cosine_implied_vs_logged": round(cosine, 3), "window": args.window,
+        "cosine_implied_vs_logged": round(cosine(implied, mean_logged), 3), "window": args.window,
         "sources_by_delta": sources,
         "examples_of": chosen,
         "examples": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in e.items()} for e in listed],
