@@ -14,6 +14,7 @@ from lmrefinery.baselines.mixture import draw_mixture, fill_budget, mixture_with
 from lmrefinery.baselines.temperature_scaling import fit_temperature
 from lmrefinery.compare import run as compare
 from lmrefinery.config import CompareConfig, validate_config
+from lmrefinery.environment import summary_line
 from lmrefinery.errors import UserError
 from lmrefinery.evaluation.statistics import paired_difference, set_metric_difference
 from tests.helpers import run_cli, write_yaml
@@ -57,6 +58,10 @@ def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_i
     elapsed = time.perf_counter() - started
     results = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
+    # the report says what it ran on: this process's libraries and CPU kernels (tests/test_environment.py)
+    assert results["environment"]["packages"]["torch"] == torch.__version__
+    assert results["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert summary_line(results["environment"]) in table
     for section, names in (("mixture", ("uniform", "rho", "scalebio")),
                            ("distillation", ("sft", "sft_temperature", "first", "first_restricted"))):
         assert list(results["per_seed"][section]) == list(names)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from lmrefinery.compare.statistics import claims, distillation_statistics, mixture_statistics
+from lmrefinery.environment import describe, summary_line
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.plots import bar_panels
 
@@ -252,6 +253,7 @@ def write_report(out: Path, config, results: dict, wall_s: float, isolated: bool
     found = claims(mixture, distillation)
     budget = config.train
     title = config.model.name_or_path if config.model is not None else config.distillation.teacher.name_or_path
+    environment = describe()
     lines = [f"# lmrefinery compare — {title}", "",
              f"Seeds {seeds} (every method once per seed), batch {budget.batch_size}, lr {budget.lr:g} "
              f"({budget.schedule}), {budget.steps} steps for every student. "
@@ -259,7 +261,8 @@ def write_report(out: Path, config, results: dict, wall_s: float, isolated: bool
                 "on CPU, allocated memory on a GPU). " if isolated else
                 "The methods ran one after another in one process: wall time is each method's own (mean over "
                 "seeds), peak memory is not measured (n/a). ")
-             + f"This invocation took {wall_s:.0f} s (finished methods are read back, not rerun).", ""]
+             + f"This invocation took {wall_s:.0f} s (finished methods are read back, not rerun).", "",
+             f"Environment of the invocation that wrote this report: {summary_line(environment)}.", ""]
     if found:
         lines += _claims_section(found)
     if mixture:
@@ -270,7 +273,8 @@ def write_report(out: Path, config, results: dict, wall_s: float, isolated: bool
     text = "\n".join(lines)
     atomic_write_text(out / "results.md", text)
     atomic_write_json(out / "results.json", {
-        "model": title, "seeds": seeds, "budget": budget.model_dump(mode="json"), "claims": found,
+        "model": title, "seeds": seeds, "budget": budget.model_dump(mode="json"), "environment": environment,
+        "claims": found,
         "statistics": {"mixture": mixture, "distillation": distillation},
         "per_seed": {section: {method: {str(seed): _strip(row) for seed, row in rows.items()}
                                for method, rows in (results[section] or {}).items()}
