@@ -62,6 +62,7 @@ def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_i
     assert results["environment"]["packages"]["torch"] == torch.__version__
     assert results["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert summary_line(results["environment"]) in table
+    assert "Every unit (15: each method and seed, and the shared stages) ran there too." in table
     for section, names in (("mixture", ("uniform", "rho", "scalebio")),
                            ("distillation", ("sft", "sft_temperature", "first", "first_restricted"))):
         assert list(results["per_seed"][section]) == list(names)
@@ -71,6 +72,7 @@ def test_compare_runs_every_method_per_seed_resumes_per_run_and_reports_paired_i
                 # the row is that run's own result file, measured in its own process, within the command's time
                 assert results["per_seed"][section][name][str(seed)] == _strip(stored)
                 assert 0 < stored["wall_s"] < elapsed
+                assert stored["environment"] == results["environment"]  # each unit records where it ran
             assert f"| {name} | " in table
     # the seeds really differ (training order), and the statistics are those of the stored per-item values
     runs = {(m, s): json.loads((out / "mixture" / m / f"seed-{s}" / "result.json").read_text())["per_item"]

@@ -5,6 +5,7 @@ import platform
 
 import torch
 
+from lmrefinery.compare.report import _environment_lines
 from lmrefinery.environment import cpu_flags, cpu_model, describe, summary_line
 
 CPUINFO = """processor\t: 0
@@ -40,3 +41,18 @@ def test_describe_reports_this_process_libraries_and_kernels_and_survives_json()
     assert json.loads(json.dumps(environment)) == environment
     line = summary_line(environment)
     assert environment["cpu_capability"] in line and f"torch {torch.__version__}" in line
+
+
+def test_a_report_counts_the_environments_its_units_ran_on():
+    here = describe()
+    elsewhere = {**here, "cpu": "Another CPU", "cpu_flags": ["avx2"]}
+    same = {"mixture": {"uniform": {0: {"environment": here}, 1: {"environment": here}}},
+            "distillation": None, "shared": None}
+    assert _environment_lines(same, here)[-1] == ("Every unit (2: each method and seed, and the shared stages) "
+                                                  "ran there too.")
+    mixed = {"mixture": {"uniform": {0: {"environment": here}, 1: {"environment": elsewhere}}},
+             "distillation": {"sft": {0: {"environment": elsewhere}}},
+             "shared": {"teacher": "t"}}  # a unit written before environments were recorded
+    lines = _environment_lines(mixed, here)
+    assert "4 units" in lines[2] and "3 different environments" in lines[2]
+    assert lines[4:] == [f"- 2 on {summary_line(elsewhere)}", f"- 1 on {summary_line(here)}", "- 1 on not recorded"]

@@ -4,6 +4,7 @@ claims in plain words) and plots/compare-*.png (bars with CIs)."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 from lmrefinery.compare.statistics import claims, distillation_statistics, mixture_statistics
@@ -241,6 +242,23 @@ def _plots(out: Path, mixture: dict | None, distillation: dict | None) -> None:
         bar_panels(out / "plots" / "compare-distillation.png", methods, panels, "Distillation (95% CI)")
 
 
+def _environment_lines(results: dict, environment: dict) -> list[str]:
+    """Where the units ran, counted by environment: bf16 results of one config differ between machines beyond their
+    last digits, so a report assembled from units run on several machines says so."""
+    units = [row for section in ("mixture", "distillation") for rows in (results[section] or {}).values()
+             for row in rows.values()]
+    units += [results["shared"]] if results["shared"] else []
+    counts = Counter(summary_line(unit["environment"]) if "environment" in unit else "not recorded"
+                     for unit in units)
+    here = summary_line(environment)
+    lines = [f"Environment of the invocation that wrote this report: {here}."]
+    if set(counts) == {here}:
+        return lines + ["", f"Every unit ({len(units)}: each method and seed, and the shared stages) ran there too."]
+    lines += ["", f"The {len(units)} units (each method and seed, and the shared stages) ran on "
+              f"{len(counts)} different environments; compare their results with that in mind:", ""]
+    return lines + [f"- {count} on {line}" for line, count in counts.most_common()]
+
+
 def write_report(out: Path, config, results: dict, wall_s: float, isolated: bool = True) -> str:
     seeds = list(config.seeds)
     mixture = distillation = None
@@ -262,7 +280,7 @@ def write_report(out: Path, config, results: dict, wall_s: float, isolated: bool
                 "The methods ran one after another in one process: wall time is each method's own (mean over "
                 "seeds), peak memory is not measured (n/a). ")
              + f"This invocation took {wall_s:.0f} s (finished methods are read back, not rerun).", "",
-             f"Environment of the invocation that wrote this report: {summary_line(environment)}.", ""]
+             *_environment_lines(results, environment), ""]
     if found:
         lines += _claims_section(found)
     if mixture:

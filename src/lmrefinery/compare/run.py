@@ -28,6 +28,7 @@ import yaml
 from lmrefinery.compare import data, distillation, mixture
 from lmrefinery.compare.report import write_report
 from lmrefinery.config import CompareConfig, dump_config, validate_config
+from lmrefinery.environment import describe
 from lmrefinery.errors import UserError
 from lmrefinery.fileio import atomic_write_json, atomic_write_text
 from lmrefinery.logs import configure_logging
@@ -73,6 +74,8 @@ def run_method(directory: Path, function, *args, isolate: bool = True) -> dict:
             result = pool.submit(_in_child, function, *args).result()
     else:
         result = _in_this_process(function, *args)
+    # each unit says where it ran: a resumed comparison's units may come from different machines
+    result["environment"] = describe()
     atomic_write_json(done, result)
     return result
 
@@ -117,6 +120,7 @@ def _distillation(config: CompareConfig, out: Path, isolate: bool) -> tuple[dict
         shared = json.loads(shared_path.read_text())
     else:
         shared = distillation.shared_stages(config, out)
+        shared["environment"] = describe()
         atomic_write_json(shared_path, shared)
         _release_accelerator_memory()  # the methods run in their own processes: leave them the whole device
     requested = config.distillation.methods
