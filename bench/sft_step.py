@@ -11,6 +11,10 @@ the HF Trainer with `bf16=True`; lmrefinery `model.precision: bf16`). TRL runs w
 padding-free batches need FlashAttention, which CPUs lack. The bench also measures this machine's bf16 (or fp32)
 GEMM throughput (a 2048² matmul on the threads torch uses) in the same run and reports each trainer's fraction of
 it: 6 × non-embedding parameters × tokens per second / peak (attention's own FLOPs left out, so a lower bound).
+It also reports the same FLOPs against the rate this machine reaches at the step's own GEMM shapes
+(`step_gemm_gflops`, `fraction_of_step_gemm_rate`: every decoder linear layer's forward and backward products at
+batch × mean tokens rows) — on CPUs with matrix units (AMX) the square product is several times faster than these
+skinny ones — and the machine it ran on (`environment`: CPU model, kernel flags, library versions).
 
 Shapes: `--shape mcq` (multiple-choice-like: a question and a two-word reply) and `--shape chat` (the evidence's
 reasoning-gym families and KJV passages, as `compare` builds them).
@@ -50,6 +54,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmrefinery.environment import describe  # noqa: E402
 
 
 def make_model_dir(root: Path, name: str) -> Path:
@@ -109,6 +115,43 @@ def gemm_peak_flops(precision: str, size: int = 2048, repeats: int = 10) -> floa
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
+
+
+def step_gemm_flops(model_dir: Path, tokens: int, precision: str, repeats: int = 5) -> float:
+    """The matmul throughput (FLOP/s) this machine reaches at the step's own GEMM shapes: for every distinct linear
+    layer of the decoder blocks, the forward product [tokens, in] × [in, out] and the two backward ones (input and
+    weight gradients), each the best of `repeats`, weighted by how often the blocks hold that layer. On CPUs with
+    matrix units (AMX) a 2048² product runs several times faster than these skinny ones, so the square peak alone
+    would understate what any trainer can reach here."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    shapes: dict[tuple[int, int], int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings():
+            shapes[(module.in_features, module.out_features)] = shapes.get((module.in_features,
+                                                                            module.out_features), 0) + 1
+    del model
+
+    def best(a, b) -> float:
+        torch.matmul(a, b)
+        fastest = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            fastest = min(fastest, time.perf_counter() - start)
+        return fastest
+
+    flops = seconds = 0.0
+    for (fan_in, fan_out), count in shapes.items():
+        x = torch.randn(tokens, fan_in, dtype=dtype)
+        w = torch.randn(fan_in, fan_out, dtype=dtype)
+        grad = torch.randn(tokens, fan_out, dtype=dtype)
+        spent = best(x, w) + best(grad, w.T) + best(x.T, grad)
+        flops += count * 3 * 2 * tokens * fan_in * fan_out
+        seconds += count * spent
+    return flops / seconds
 
 
 def _full_logits(model, batch, precision):
@@ -327,11 +370,14 @@ def main() -> None:
                 per_round[variant].append(round(statistics.median(times), 3))
         peak = gemm_peak_flops(args.precision)
         non_embedding, mean_tokens = _token_rate(model_dir, data, args)
+        shaped_peak = step_gemm_flops(model_dir, round(mean_tokens * args.batch), args.precision)
 
     def figures(times: list[float]) -> dict:
         step = statistics.median(times)
         return {"step_s": round(step, 4), "per_example_s": round(step / args.batch, 4),
-                "fraction_of_peak": round(6 * non_embedding * mean_tokens * args.batch / step / peak, 3)}
+                "fraction_of_peak": round(6 * non_embedding * mean_tokens * args.batch / step / peak, 3),
+                "fraction_of_step_gemm_rate": round(6 * non_embedding * mean_tokens * args.batch / step
+                                                    / shaped_peak, 3)}
 
     fastest_name = min(theirs, key=lambda name: statistics.median(theirs[name])) if theirs else None
     fastest = statistics.median(theirs[fastest_name]) if theirs else None
@@ -339,7 +385,8 @@ def main() -> None:
         "model": args.model, "non_embedding_parameters": non_embedding, "batch": args.batch,
         "max_length": args.max_length, "shape": args.shape, "mean_tokens_per_example": round(mean_tokens, 1),
         "precision": args.precision, "anchor_attention": args.anchor_attention,
-        "gemm_peak_gflops": round(peak / 1e9, 1),
+        "gemm_peak_gflops": round(peak / 1e9, 1), "step_gemm_gflops": round(shaped_peak / 1e9, 1),
+        "environment": describe(),
         "steps_measured_each": len(next(iter(ours.values()))),
         "anchors": {name: figures(times) for name, times in theirs.items()}, "fastest_anchor": fastest_name,
         "lmrefinery": {variant: {**figures(times), "ratio_over_fastest_anchor":
