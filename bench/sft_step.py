@@ -122,7 +122,8 @@ def step_gemm_flops(model_dir: Path, tokens: int, precision: str, repeats: int =
     layer of the decoder blocks, the forward product [tokens, in] × [in, out] and the two backward ones (input and
     weight gradients), each the best of `repeats`, weighted by how often the blocks hold that layer. On CPUs with
     matrix units (AMX) a 2048² product runs several times faster than these skinny ones, so the square peak alone
-    would understate what any trainer can reach here."""
+    would understate what any trainer can reach here. The rows are the batch's real tokens (no padding), one
+    micro-batch of the whole batch: a `--micro` variant's smaller products are not what this rate measures."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -146,9 +147,9 @@ def step_gemm_flops(model_dir: Path, tokens: int, precision: str, repeats: int =
     flops = seconds = 0.0
     for (fan_in, fan_out), count in shapes.items():
         x = torch.randn(tokens, fan_in, dtype=dtype)
-        w = torch.randn(fan_in, fan_out, dtype=dtype)
+        w = torch.randn(fan_out, fan_in, dtype=dtype)  # nn.Linear's layout: the forward multiplies by its transpose
         grad = torch.randn(tokens, fan_out, dtype=dtype)
-        spent = best(x, w) + best(grad, w.T) + best(x.T, grad)
+        spent = best(x, w.T) + best(grad, w) + best(grad.T, x)  # output; input gradient; weight gradient
         flops += count * 3 * 2 * tokens * fan_in * fan_out
         seconds += count * spent
     return flops / seconds

@@ -21,8 +21,8 @@ model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
 def test_cpu_model_is_the_first_model_name_of_cpuinfo_and_falls_back_to_the_platform():
     assert cpu_model(CPUINFO) == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
     # no model name (e.g. some ARM kernels): the platform's own answer, never an empty string
-    assert cpu_model("processor\t: 0\nBogoMIPS\t: 50.00\n") == (platform.processor() or platform.machine())
-
+    fallback = cpu_model("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert fallback == (platform.processor() or platform.machine()) and fallback
 
 
 def test_cpu_flags_are_the_kernel_flags_of_the_first_processor_in_a_fixed_order():
