@@ -104,17 +104,22 @@ def make_data(root: Path, examples: int, length_words: int, reply_words: int, sh
     return path
 
 
-def gemm_peak_flops(precision: str, size: int = 2048, repeats: int = 10) -> float:
-    """This machine's matmul throughput (FLOP/s) at the training precision: the best of `repeats` timed products."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def fastest_matmul_s(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    """The best of `repeats` timed products a @ b, after one untimed (kernel selection, caches)."""
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return best
+
+
+def gemm_peak_flops(precision: str, size: int = 2048, repeats: int = 10) -> float:
+    """This machine's matmul throughput (FLOP/s) at the training precision: the best of `repeats` timed products."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return 2 * size ** 3 / fastest_matmul_s(a, b, repeats)
 
 
 def step_gemm_flops(model_dir: Path, tokens: int, precision: str, repeats: int = 5) -> float:
@@ -129,27 +134,18 @@ def step_gemm_flops(model_dir: Path, tokens: int, precision: str, repeats: int =
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     shapes: dict[tuple[int, int], int] = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings():
-            shapes[(module.in_features, module.out_features)] = shapes.get((module.in_features,
-                                                                            module.out_features), 0) + 1
+            shape = (module.in_features, module.out_features)
+            shapes[shape] = shapes.get(shape, 0) + 1
     del model
-
-    def best(a, b) -> float:
-        torch.matmul(a, b)
-        fastest = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            fastest = min(fastest, time.perf_counter() - start)
-        return fastest
-
     flops = seconds = 0.0
     for (fan_in, fan_out), count in shapes.items():
         x = torch.randn(tokens, fan_in, dtype=dtype)
         w = torch.randn(fan_out, fan_in, dtype=dtype)  # nn.Linear's layout: the forward multiplies by its transpose
         grad = torch.randn(tokens, fan_out, dtype=dtype)
-        spent = best(x, w.T) + best(grad, w) + best(grad.T, x)  # output; input gradient; weight gradient
+        # the output, the input's gradient, the weight's gradient
+        spent = sum(fastest_matmul_s(left, right, repeats) for left, right in ((x, w.T), (grad, w), (grad.T, x)))
         flops += count * 3 * 2 * tokens * fan_in * fan_out
         seconds += count * spent
     return flops / seconds
