@@ -369,12 +369,13 @@ def main() -> None:
         non_embedding, mean_tokens = _token_rate(model_dir, data, args)
         shaped_peak = step_gemm_flops(model_dir, round(mean_tokens * args.batch), args.precision)
 
+    step_flops = 6 * non_embedding * mean_tokens * args.batch  # forward + backward of the blocks' weights
+
     def figures(times: list[float]) -> dict:
         step = statistics.median(times)
         return {"step_s": round(step, 4), "per_example_s": round(step / args.batch, 4),
-                "fraction_of_peak": round(6 * non_embedding * mean_tokens * args.batch / step / peak, 3),
-                "fraction_of_step_gemm_rate": round(6 * non_embedding * mean_tokens * args.batch / step
-                                                    / shaped_peak, 3)}
+                "fraction_of_peak": round(step_flops / step / peak, 3),
+                "fraction_of_step_gemm_rate": round(step_flops / step / shaped_peak, 3)}
 
     fastest_name = min(theirs, key=lambda name: statistics.median(theirs[name])) if theirs else None
     fastest = statistics.median(theirs[fastest_name]) if theirs else None

@@ -24,23 +24,24 @@ def _read_cpuinfo() -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
-def cpu_model(cpuinfo: str | None = None) -> str:
-    """The CPU's marketing name: the first `model name` line of /proc/cpuinfo on Linux, else `platform.processor()`."""
+def _first_field(cpuinfo: str | None, name: str) -> str:
+    """The value of the first non-empty `name : value` line (the first processor's), or "" where there is none."""
     for line in (_read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
+        if key.strip() == name and value.strip():
             return value.strip()
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's marketing name: the first `model name` line of /proc/cpuinfo on Linux, else `platform.processor()`."""
+    return _first_field(cpuinfo, "model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags(cpuinfo: str | None = None) -> list[str]:
     """Which of KERNEL_FLAGS the first processor of /proc/cpuinfo lists (empty where there is no such file)."""
-    for line in (_read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            present = set(value.split())
-            return [flag for flag in KERNEL_FLAGS if flag in present]
-    return []
+    present = set(_first_field(cpuinfo, "flags").split())
+    return [flag for flag in KERNEL_FLAGS if flag in present]
 
 
 def _version(package: str) -> str | None:
@@ -56,13 +57,14 @@ def describe() -> dict:
 
     accelerators = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                     if torch.cuda.is_available() else [])
+    cpuinfo = _read_cpuinfo()  # once, for both fields
     return {
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
         "platform": platform.platform(),
-        "cpu": cpu_model(),
+        "cpu": cpu_model(cpuinfo),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": cpu_flags(cpuinfo),
         "torch_threads": torch.get_num_threads(),
         "accelerators": accelerators,
     }
